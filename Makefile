@@ -1,0 +1,37 @@
+# ghibli_lab: `make help` lists the targets. Every target uses the project venv in .venv/,
+# created (torch pinned first, so pip takes the CPU wheel here and the CUDA build on a GPU box)
+# on first use.
+PY := .venv/bin/python
+VENV := .venv/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test train sweep clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(VENV): pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet torch==2.13.0
+	.venv/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV) ## create .venv and install the project (done by every target on first use)
+
+demo: $(VENV) ## 2x2 rank x alpha sweep on tiny SDXL + generated data: offline, CPU, ~1-2 min
+	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.train -m experiment=demo lora.rank=4,8 lora.alpha=4,8 $(ARGS)
+	@echo; echo "Results: outputs/latest -> $$(readlink outputs/latest)"; \
+	  echo "  each run: lora/ (diffusers + kohya files), samples/final.png, metrics.jsonl, summary.json"
+
+test: $(VENV) ## run the test suite (tiny models, offline; slow and GPU tests deselected)
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+train: $(VENV) ## one run: make train ARGS="model=sdxl dataset=ghibli100 lora.rank=16"
+	$(PY) -m ghibli_lab.train $(ARGS)
+
+sweep: $(VENV) ## the 12-run rank x alpha grid of the seed study (SDXL, Ghibli-100; needs a GPU)
+	$(PY) -m ghibli_lab.train -m experiment=ghibli100_sdxl lora.rank=4,8,16 lora.alpha=4,8,16,32 $(ARGS)
+
+clean: ## remove outputs/ and caches (keeps .venv)
+	rm -rf outputs .cache .pytest_cache

@@ -1,0 +1,202 @@
+"""Typed schemas for the Hydra configs in ``conf/``.
+
+Values live in YAML; these dataclasses only fix the keys and their types, so a typo or a
+wrong type fails at compose time. ``check_config`` adds the range checks that types can't
+express. Every option of a group fills exactly these keys.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    family: str = MISSING  # "sdxl" | "sd15": selects the pipeline class and the conditioning
+    pretrained: str = MISSING  # hub id, local directory, or "tiny" (random weights built in code)
+    vae: Optional[str] = None  # optional VAE override, e.g. madebyollin/sdxl-vae-fp16-fix
+    variant: Optional[str] = None  # weight file variant on the hub, e.g. "fp16"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    source: str = MISSING  # "hub" | "folder" | "synthetic"
+    path: Optional[str] = None  # hub dataset id, or a local folder
+    image_column: str = "image"  # hub datasets only: column names
+    caption_column: str = "text"
+    num_images: Optional[int] = None  # cap on images used; synthetic: how many to generate
+    resolution: int = 512
+    center_crop: bool = True  # False: random crop
+    random_flip: bool = False
+    caption_prefix: str = ""  # trigger prepended to every caption, e.g. "Still from the Anime, "
+    default_caption: str = ""  # used when an image has no caption
+    holdout_fraction: float = 0.1
+
+
+@dataclass
+class LoraConfig:
+    rank: int = MISSING
+    alpha: float = MISSING  # independent of rank; the effective scale is alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder: bool = False  # also train LoRA on the text encoder(s), both on SDXL
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = MISSING  # "ddpm" | "ddim": the sampler; training keeps the model's own schedule
+    steps: int = MISSING  # inference steps
+
+
+@dataclass
+class GuidanceConfig:
+    scale: float = MISSING  # classifier-free guidance scale; 1 disables guidance
+
+
+@dataclass
+class TrainConfig:
+    max_steps: Optional[int] = 1000  # optimizer steps; null: use epochs
+    epochs: Optional[int] = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
+    warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    gradient_checkpointing: bool = False
+    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting; 5.0 is the paper's value
+    noise_offset: float = 0.0
+    val_every: int = 100  # 0 = off
+    val_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    sample_every: int = 0  # 0 = off; samples are always written at the end
+    checkpoint_every: int = 0  # 0 = off
+    log_every: int = 10
+    num_workers: int = 0
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # "wandb" | "none"
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # null: online if an API key is configured, else offline
+
+
+@dataclass
+class TrainRunConfig:
+    name: str = "train"
+    seed: int = 0
+    output_root: str = "outputs"
+    cache_dir: str = ".cache/ghibli_lab"
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    lora: LoraConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    guidance: GuidanceConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    logger: LoggerConfig = MISSING
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+    if not OmegaConf.has_resolver("swept"):
+        OmegaConf.register_new_resolver("swept", swept_values)
+
+
+def swept_values(task_overrides: list[str]) -> str:
+    """``lora.alpha=4,lora.rank=8``: this job's values of the keys swept on the command line.
+
+    Used to name sweep sub-dirs (``hydra.sweep.subdir``). Hydra's ``override_dirname`` holds every
+    override, swept or not; which ones were swept is only visible in the original arguments.
+    Falls back to all of this job's overrides when those can't be read (e.g. under submitit).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    swept = set()
+    for arg in sys.argv[1:]:
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # flags such as -m, and their values
+            continue
+        if override.is_sweep_override():
+            swept.add(override.get_key_element())
+    items = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+    return ",".join(sorted(items or task_overrides))
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.family": ("sdxl", "sd15"),
+    "dataset.source": ("hub", "folder", "synthetic"),
+    "scheduler.name": ("ddpm", "ddim"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": (None, "online", "offline", "disabled"),
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Range and choice checks that types can't express. Raises ValueError naming the key."""
+    errors = []
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            errors.append(f"{key}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    if cfg.lora.rank <= 0:
+        errors.append(f"lora.rank must be > 0, got {cfg.lora.rank}")
+    if cfg.lora.alpha <= 0:
+        errors.append(f"lora.alpha must be > 0, got {cfg.lora.alpha}")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        errors.append(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if not 0.0 <= cfg.dataset.holdout_fraction < 1.0:
+        errors.append(f"dataset.holdout_fraction must be in [0, 1), got {cfg.dataset.holdout_fraction}")
+    if cfg.dataset.resolution <= 0 or cfg.dataset.resolution % 8:
+        errors.append(f"dataset.resolution must be a positive multiple of 8, got {cfg.dataset.resolution}")
+    if cfg.dataset.source in ("hub", "folder") and not cfg.dataset.path:
+        errors.append(f"dataset.path is required for dataset.source={cfg.dataset.source}")
+    if cfg.dataset.source == "synthetic" and not cfg.dataset.num_images:
+        errors.append("dataset.num_images is required for dataset.source=synthetic")
+    t = cfg.train
+    if t.max_steps is None and t.epochs is None:
+        errors.append("set train.max_steps or train.epochs")
+    for key in ("batch_size", "grad_accum"):
+        if t[key] < 1:
+            errors.append(f"train.{key} must be >= 1, got {t[key]}")
+    for key in ("max_steps", "epochs"):
+        if t[key] is not None and t[key] < 1:
+            errors.append(f"train.{key} must be >= 1 or null, got {t[key]}")
+    if t.lr <= 0:
+        errors.append(f"train.lr must be > 0, got {t.lr}")
+    if t.snr_gamma is not None and t.snr_gamma <= 0:
+        errors.append(f"train.snr_gamma must be > 0 or null, got {t.snr_gamma}")
+    for key in ("val_every", "sample_every", "checkpoint_every", "warmup_steps", "noise_offset"):
+        if t[key] < 0:
+            errors.append(f"train.{key} must be >= 0, got {t[key]}")
+    if t.log_every < 1:
+        errors.append(f"train.log_every must be >= 1, got {t.log_every}")
+    if cfg.scheduler.steps < 1:
+        errors.append(f"scheduler.steps must be >= 1, got {cfg.scheduler.steps}")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+

@@ -1,0 +1,404 @@
+"""Datasets: where images and captions come from, the train/holdout split, and preprocessing.
+
+Three sources fill the same ``Record`` list: a local folder, a Hugging Face dataset (hub id or a
+local copy), and a generated "synthetic" set of two visually distinct styles that needs no
+download. Records are keyed by the SHA-256 of the image bytes, so the split (and any cache built
+on it) follows image content, not file names or row order.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SYNTHETIC_VERSION = "v1"  # bump when make_synthetic_image changes, so stale caches aren't reused
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str  # sha256 hex of the encoded image bytes
+    name: str  # origin for messages: a file path, or "<hub id>#<row index>"
+    caption: str  # final caption, prefix included
+    path: str | None = None  # file on disk, or None when the bytes are held in `data`
+    data: bytes | None = None  # encoded image bytes (hub rows)
+
+
+def load_records(ds_cfg: DictConfig, cache_dir: str | Path) -> list[Record]:
+    """All usable records of the dataset in a deterministic order, capped at ``dataset.num_images``.
+
+    Raises FileNotFoundError / ValueError naming the config key when the data can't be used.
+    """
+    limit = ds_cfg.num_images
+    if limit is not None and limit < 1:
+        raise ValueError(f"dataset.num_images must be >= 1 or null, got {limit}")
+    if ds_cfg.source == "synthetic":
+        if limit is None:
+            raise ValueError("dataset.num_images is required for dataset.source=synthetic")
+        return _folder_records(synthetic_folder(limit, ds_cfg.resolution, cache_dir), ds_cfg)
+    if ds_cfg.source == "folder":
+        return _folder_records(_existing_dir(ds_cfg.path), ds_cfg)
+    if ds_cfg.source == "hub":
+        return _hub_records(ds_cfg)
+    raise ValueError(f"dataset.source={ds_cfg.source!r} is not one of 'hub', 'folder', 'synthetic'")
+
+
+def _caption(raw: Any, ds_cfg: DictConfig) -> str:
+    text = "" if raw is None else str(raw).strip()
+    return ds_cfg.caption_prefix + (text or ds_cfg.default_caption)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# Folder source
+
+
+def _existing_dir(path: str | None) -> Path:
+    if not path:
+        raise ValueError("dataset.path is required for dataset.source=folder")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"dataset.path={str(path)!r} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"dataset.path={str(path)!r} is not a directory")
+    return root
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive, extension case-insensitive), sorted by relative path."""
+    found = []
+    # followlinks: datasets are often assembled from symlinked folders.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        # Hidden entries are not training data: .ipynb_checkpoints copies, macOS "._x.png" stubs.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        names = [f for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        found += [Path(dirpath, f) for f in names]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _folder_records(root: Path, ds_cfg: DictConfig) -> list[Record]:
+    images = find_images(root)
+    if not images:
+        looked_for = ", ".join(IMAGE_EXTENSIONS)
+        raise ValueError(f"dataset.path={str(root)!r} holds no images (looked for {looked_for})")
+    if ds_cfg.num_images is not None:
+        images = images[: ds_cfg.num_images]  # before hashing: a small cap should be quick
+    metadata = _metadata_captions(root, ds_cfg.caption_column)
+    records = []
+    for image in images:
+        txt = image.with_suffix(".txt")
+        raw = _read_text(txt) if txt.is_file() else metadata.get(image.relative_to(root).as_posix())
+        key = _sha256(image.read_bytes())
+        records.append(Record(key, str(image), _caption(raw, ds_cfg), path=str(image)))
+    return records
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: editors on Windows write a BOM
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption file {path} is not valid UTF-8: {e}") from e
+
+
+def _metadata_captions(root: Path, caption_column: str) -> dict[str, Any]:
+    """{relative file name: caption} from metadata.jsonl (preferred) or metadata.csv in ``root``."""
+    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.is_file():
+        source, rows = jsonl, _jsonl_rows(jsonl)
+    elif csv_path.is_file():
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            source, rows = csv_path, list(csv.DictReader(f))
+    else:
+        return {}
+    captions = {}
+    for n, row in enumerate(rows, start=1):
+        for column in ("file_name", caption_column):
+            if column not in row:
+                raise ValueError(
+                    f"{source}: row {n} has no {column!r} column (needs file_name, the image path "
+                    f"relative to dataset.path, and dataset.caption_column); it has {list(row)}"
+                )
+        name = Path(str(row["file_name"])).as_posix()  # normalises "./a.png" and "sub\\a.png" alike
+        captions[name] = row[caption_column]
+    return captions
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows += [row] if row else []
+    return rows
+
+
+# Hub source (a hub id, a save_to_disk directory, or anything datasets.load_dataset reads)
+
+
+def _hub_records(ds_cfg: DictConfig) -> list[Record]:
+    from .pipeline import check_hub_resource  # lazy: pipeline imports diffusers, seconds
+
+    if not ds_cfg.path:
+        raise ValueError("dataset.path is required for dataset.source=hub")
+    name = str(ds_cfg.path)
+    check_hub_resource(name, "dataset", "dataset.path", "README.md")
+    import datasets  # lazy: a second to import, and only this source needs it
+
+    local = Path(name).expanduser()
+    if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(str(local))  # a save_to_disk copy
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"dataset.path={name!r} has no 'train' split; it has {list(ds)}")
+            ds = ds["train"]
+    else:
+        ds = datasets.load_dataset(name, split="train")
+    image_col, caption_col = ds_cfg.image_column, ds_cfg.caption_column
+    for column, key in ((image_col, "dataset.image_column"), (caption_col, "dataset.caption_column")):
+        if column not in ds.column_names:
+            raise ValueError(f"{key}={column!r} is not a column of {name}; columns: {ds.column_names}")
+    if ds_cfg.num_images is not None:
+        ds = ds.select(range(min(len(ds), ds_cfg.num_images)))
+    # decode=False gives the encoded bytes: hashable, and decoded only when the trainer needs them.
+    ds = ds.select_columns(list(dict.fromkeys([image_col, caption_col])))
+    ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    records, skipped = [], 0
+    for i, row in enumerate(ds):
+        image, caption, row_name = row[image_col] or {}, _caption(row[caption_col], ds_cfg), f"{name}#{i}"
+        if image.get("bytes"):
+            records.append(Record(_sha256(image["bytes"]), row_name, caption, data=image["bytes"]))
+        elif image.get("path") and Path(image["path"]).is_file():  # e.g. imagefolder rows point at files
+            data = Path(image["path"]).read_bytes()
+            records.append(Record(_sha256(data), row_name, caption, path=image["path"]))
+        else:
+            skipped += 1
+    if skipped:
+        log.warning("dataset.path=%s: skipped %d rows without an image", name, skipped)
+    if not records:
+        raise ValueError(f"dataset.path={name!r} holds no images in dataset.image_column={image_col!r}")
+    return records
+
+
+# Split
+
+
+def split_records(records: list[Record], holdout_fraction: float) -> tuple[list[Record], list[Record]]:
+    """Deterministic (train, holdout) split by image content, independent of the input order.
+
+    Duplicate images (same key) are reduced to one record first, so no image sits on both sides;
+    sorted by key, the first round(n * fraction) are held out (at least one when fraction > 0 and
+    n >= 2, and never all). Both lists keep the input order.
+    """
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"dataset.holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    unique: dict[str, Record] = {}
+    for r in records:
+        best = unique.get(r.key)
+        # The same copy wins whatever the input order: the smallest (name, caption).
+        if best is None or (r.name, r.caption) < (best.name, best.caption):
+            unique[r.key] = r
+    keys = sorted(unique)
+    k = round(len(keys) * holdout_fraction)
+    if holdout_fraction > 0 and len(keys) >= 2:
+        k = min(max(k, 1), len(keys) - 1)
+    held = set(keys[:k])
+    train, holdout, seen = [], [], set()
+    for r in records:
+        if r.key not in seen and r == unique[r.key]:
+            seen.add(r.key)
+            (holdout if r.key in held else train).append(r)
+    return train, holdout
+
+
+# Decoding and preprocessing
+
+
+def load_image(record: Record) -> Image.Image:
+    """Decode a record to an 8-bit RGB image, upright per its EXIF orientation."""
+    try:
+        with Image.open(record.path if record.path is not None else io.BytesIO(record.data)) as im:
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image {record.name}: {e}") from e
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit grey: convert() clips values to 255, turning nearly everything white; rescale instead.
+        grey = np.asarray(im).astype(np.float32) / 257.0
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        # Transparent areas would otherwise keep whatever colour they hide (often black).
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, RGB
+
+
+def prepare_image(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    random_flip: bool,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """Resize the short side to ``resolution``, crop a square, maybe flip; return the tensor and SDXL's
+    size conditioning: (pixels [3,R,R] in [-1, 1], original (h, w), crop (top, left) after resizing).
+    """
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    w, h = image.size
+    # Same sizes as torchvision's Resize(int) in the diffusers examples: long side truncated.
+    if w <= h:
+        new_w, new_h = resolution, int(resolution * h / w)
+    else:
+        new_w, new_h = int(resolution * w / h), resolution
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    if center_crop:
+        top, left = int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+    else:
+        top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
+    crop = np.array(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    pixels = torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1.0
+    if random_flip and float(torch.rand((), generator=generator)) < 0.5:
+        pixels = pixels.flip(-1)
+        # The crop now sits mirrored in the (flipped) resized image: SDXL must see that offset.
+        left = new_w - left - resolution
+    return pixels.contiguous(), (h, w), (top, left)
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Records -> training examples. Crop/flip use torch's global RNG, so a seeded run repeats them."""
+
+    def __init__(self, records: list[Record], resolution: int, center_crop: bool, random_flip: bool):
+        self.records = list(records)
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        pixels, original, crop = prepare_image(
+            load_image(record), self.resolution, self.center_crop, self.random_flip
+        )
+        return {
+            "pixel_values": pixels,
+            "caption": record.caption,
+            "original_size": torch.tensor(original, dtype=torch.long),
+            "crop_top_left": torch.tensor(crop, dtype=torch.long),
+            "key": record.key,
+        }
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack a list of examples into a batch; captions and keys stay lists."""
+    tensors = ("pixel_values", "original_size", "crop_top_left")
+    return {k: torch.stack([b[k] for b in batch]) for k in tensors} | {
+        k: [b[k] for b in batch] for k in ("caption", "key")
+    }
+
+
+# Synthetic source: two styles a LoRA can visibly learn, generated offline in milliseconds.
+
+PASTEL_SKIES = {"pink": (248, 212, 222), "lavender": (226, 214, 244), "peach": (252, 224, 198),
+                "mint": (210, 240, 224), "pale blue": (204, 226, 246)}
+COMIC_COLORS = [(230, 30, 40), (255, 200, 0), (0, 160, 230), (220, 0, 150), (30, 170, 60), (255, 110, 0)]
+BLACK = (0, 0, 0)
+
+
+def synthetic_folder(num_images: int, resolution: int, cache_dir: str | Path) -> Path:
+    """Generate (once) the synthetic set as PNG + .txt pairs under ``cache_dir``; return its folder."""
+    final = Path(cache_dir).expanduser() / "synthetic" / f"{SYNTHETIC_VERSION}_{num_images}_{resolution}"
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temp dir and rename: a crash or a parallel run never leaves a half-written set.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        for i in range(num_images):
+            image, caption = make_synthetic_image(i, resolution)
+            image.save(tmp / f"{i:05d}.png")
+            (tmp / f"{i:05d}.txt").write_text(caption + "\n", encoding="utf-8")
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        # Another run finished first; its images are identical, so use them.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful rename
+    return final
+
+
+def make_synthetic_image(index: int, resolution: int) -> tuple[Image.Image, str]:
+    """Deterministic image + caption; even indices are soft watercolors, odd ones bold comic panels.
+
+    The image is landscape (width = resolution * 5 // 4) so that cropping is exercised.
+    """
+    rng = np.random.RandomState(index)
+    return _watercolor(rng, resolution) if index % 2 == 0 else _comic(rng, resolution)
+
+
+def _watercolor(rng: np.random.RandomState, res: int) -> tuple[Image.Image, str]:
+    h, w = res, res * 5 // 4
+    y = np.linspace(0.0, 1.0, h)[:, None, None]
+    x = (np.arange(w) / h)[None, :, None]  # in units of the height, so shapes don't stretch
+    sky_name = list(PASTEL_SKIES)[rng.randint(len(PASTEL_SKIES))]
+    img = np.array(PASTEL_SKIES[sky_name]) * (1 - y) + np.array([250, 246, 236]) * y
+    sun_x, sun_y, sun_r = rng.uniform(0.2, 1.05), rng.uniform(0.1, 0.3), rng.uniform(0.07, 0.12)
+    sun = 0.8 * np.clip((sun_r - np.hypot(x - sun_x, y - sun_y)) / 0.05 + 0.5, 0, 1)  # soft disc
+    img = img * (1 - sun) + np.array([255, 244, 205]) * sun
+    for layer in range(3):  # far to near: lower and darker, with wide soft edges
+        crest = 0.5 + 0.13 * layer + rng.uniform(-0.03, 0.03)
+        crest = crest + rng.uniform(0.03, 0.08) * np.sin(rng.uniform(3, 8) * x + rng.uniform(0, 2 * np.pi))
+        alpha = 1 / (1 + np.exp(-(y - crest) / 0.03))
+        color = np.array([160, 205, 170]) - 22 * layer + rng.uniform(-10, 10, 3)
+        img = img * (1 - alpha) + color * alpha
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(res / 64))
+    return pil, f"a watercolor landscape with soft hills, {sky_name} sky"
+
+
+def _comic(rng: np.random.RandomState, res: int) -> tuple[Image.Image, str]:
+    h, w = res, res * 5 // 4
+    line = max(2, res // 48)  # thick outlines at any resolution
+    sky, ground = (COMIC_COLORS[i] for i in rng.choice(len(COMIC_COLORS), 2, replace=False))
+    img = Image.new("RGB", (w, h), sky)
+    draw = ImageDraw.Draw(img)
+    ground_y = int(h * 0.8)
+    draw.rectangle([0, ground_y, w, h], fill=ground, outline=BLACK, width=line)
+    n = int(rng.randint(3, 7))
+    for x0 in np.sort(rng.uniform(0, w * 0.8, n)).astype(int):
+        x1 = int(min(w - 1, x0 + rng.uniform(0.12, 0.25) * w))
+        y0 = int(ground_y - rng.uniform(0.3, 0.65) * h)
+        shadow = [x0 + 2 * line, y0 + 2 * line, x1 + 2 * line, ground_y]
+        draw.rectangle(shadow, fill=BLACK)  # hard, offset, no gradient
+        color = COMIC_COLORS[rng.randint(len(COMIC_COLORS))]
+        draw.rectangle([x0, y0, x1, ground_y], fill=color, outline=BLACK, width=line)
+        win = max(2, (x1 - x0) // 5)
+        for wy in range(y0 + 2 * line, ground_y - win - line, 2 * win):  # a column of windows
+            window = [x0 + 2 * line, wy, x0 + 2 * line + win, wy + win]
+            draw.rectangle(window, fill=(255, 230, 0), outline=BLACK, width=max(1, line // 2))
+    return img, f"a bold comic panel with hard shadows, {n} buildings"

@@ -1,0 +1,123 @@
+"""Attach LoRA adapters, and save them in the two formats people load.
+
+- ``pytorch_lora_weights.safetensors``: diffusers/PEFT format, for ``load_lora_weights``.
+- ``lora_kohya.safetensors``: ``lora_unet_*`` / ``lora_te*_*`` keys with ``.alpha``, the format
+  ComfyUI and A1111 load (they ignore diffusers-format keys).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+from omegaconf import DictConfig
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+ADAPTER = "default"  # name PEFT gives the adapter we train
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lora_kohya.safetensors"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def attach_lora(pipe: DiffusionPipeline, lora_cfg: DictConfig) -> list[torch.nn.Parameter]:
+    """Freeze every weight, add LoRA to the UNet (and text encoders if asked); return the LoRA params."""
+    for name in ("unet", "vae", *TEXT_ENCODERS):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
+    common = dict(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout)
+    # Gaussian A and zero B (as in the diffusers LoRA scripts): the adapter starts as a no-op.
+    pipe.unet.add_adapter(
+        LoraConfig(init_lora_weights="gaussian", target_modules=list(lora_cfg.target_modules), **common)
+    )
+    if lora_cfg.text_encoder:
+        for name in TEXT_ENCODERS:
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                encoder.add_adapter(
+                    LoraConfig(
+                        init_lora_weights="gaussian",
+                        target_modules=list(lora_cfg.text_encoder_target_modules),
+                        **common,
+                    )
+                )
+    return [p for model in adapted_models(pipe).values() for p in model.parameters() if p.requires_grad]
+
+
+def adapted_models(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline components that carry our adapter, by component name."""
+    models = {}
+    for name in ("unet", *TEXT_ENCODERS):
+        model = getattr(pipe, name, None)
+        if model is not None and ADAPTER in getattr(model, "peft_config", {}):
+            models[name] = model
+    return models
+
+
+def save_lora(pipe: DiffusionPipeline, out_dir: str | Path) -> dict[str, Path]:
+    """Write the adapter in diffusers and kohya format into ``out_dir``; return both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = adapted_models(pipe)
+    layers, metadata = {}, {}
+    for name, model in models.items():
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        # Without the adapter metadata, save_lora_weights drops lora_alpha and a reload uses
+        # alpha = rank: a different adapter whenever alpha != rank (stack-facts, "Saving loses alpha").
+        metadata[f"{name}_lora_adapter_metadata"] = model.peft_config[ADAPTER].to_dict()
+    type(pipe).save_lora_weights(out_dir, **layers, **metadata, safe_serialization=True)
+
+    kohya_path = out_dir / KOHYA_FILE
+    save_file(kohya_state_dict(pipe), kohya_path, metadata=kohya_metadata(pipe))
+    return {"diffusers": out_dir / DIFFUSERS_FILE, "kohya": kohya_path}
+
+
+def kohya_state_dict(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
+    """The adapter with kohya keys and the *configured* alpha per module.
+
+    diffusers' convert_state_dict_to_kohya writes every ``.alpha`` as the rank, because a PEFT
+    state dict carries no alpha; with alpha != rank that file would load as a different adapter.
+    """
+    sd15 = not hasattr(pipe, "text_encoder_2")
+    out = {}
+    for name, model in adapted_models(pipe).items():
+        peft_sd = {f"{name}.{k}": v for k, v in get_peft_model_state_dict(model).items()}
+        alpha = float(model.peft_config[ADAPTER].lora_alpha)
+        for key, value in convert_state_dict_to_kohya(peft_sd).items():
+            if key.endswith(".alpha"):
+                value = torch.tensor(alpha)
+            if name in TEXT_ENCODERS and "_text_model_" not in key:
+                # transformers 5 dropped CLIPTextModel's ``text_model`` level; ComfyUI and A1111
+                # map keys from the original layout (lora_te1_text_model_encoder_layers_0_...).
+                key = key.replace("_encoder_layers_", "_text_model_encoder_layers_", 1)
+            if sd15:  # SD 1.x tools name the only text encoder lora_te_, not lora_te1_
+                key = key.replace("lora_te1_", "lora_te_", 1)
+            out[key] = value.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def kohya_metadata(pipe: DiffusionPipeline) -> dict[str, str]:
+    """The ``ss_*`` header fields kohya's scripts write; UIs show them and some read dim/alpha."""
+    config = pipe.unet.peft_config[ADAPTER]
+    sdxl = hasattr(pipe, "text_encoder_2")
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.r),
+        "ss_network_alpha": str(float(config.lora_alpha)),
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
+        "ss_training_comment": "trained with ghibli_lab",
+    }
+
+
+def load_lora(pipe: DiffusionPipeline, path: str | Path, adapter_name: str = ADAPTER) -> None:
+    """Load a diffusers- or kohya-format LoRA file (or a run's ``lora/`` dir) into ``pipe``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIFFUSERS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA file at {path}")
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)

@@ -1,0 +1,218 @@
+"""Build the diffusers pipeline for a model config: a hub id, a local directory, or "tiny".
+
+The tiny models have the real architectures (SDXL: two text encoders, pooled embeddings and
+size conditioning; SD 1.5: one encoder), at sizes that run in milliseconds on a CPU. Their
+weights are random, seeded and built in code, so tests and the demo need no download.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from omegaconf import DictConfig
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+PIPELINE_CLASSES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+TINY_SEED = 0  # fixed, so the "base model" is the same in every run and every sweep
+
+
+class OfflineError(RuntimeError):
+    """A hub resource is needed, is not cached locally, and the hub can't be reached."""
+
+
+def load_pipeline(model_cfg: DictConfig, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """Return the SDXL or SD 1.5 pipeline named by ``model_cfg``, on the CPU, in ``dtype``."""
+    check_model_source(model_cfg)
+    if model_cfg.pretrained == "tiny":
+        pipe = build_tiny_pipeline(model_cfg.family)
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    cls = PIPELINE_CLASSES[model_cfg.family]
+    kwargs = {}
+    if model_cfg.vae:
+        kwargs["vae"] = AutoencoderKL.from_pretrained(model_cfg.vae, torch_dtype=dtype)
+    if model_cfg.family == "sdxl":
+        kwargs["add_watermarker"] = False
+    else:
+        # Training and sampling never need the NSFW classifier; skipping it saves a CLIP vision model.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return cls.from_pretrained(model_cfg.pretrained, variant=model_cfg.variant, torch_dtype=dtype, **kwargs)
+
+
+def check_model_source(model_cfg: DictConfig) -> None:
+    """Fail fast, before loading anything, if the model can't be found or fetched."""
+    if model_cfg.family not in PIPELINE_CLASSES:
+        raise ValueError(f"model.family={model_cfg.family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
+    if model_cfg.pretrained != "tiny":
+        check_hub_resource(model_cfg.pretrained, "model", "model.pretrained", "model_index.json")
+    if model_cfg.vae:
+        check_hub_resource(model_cfg.vae, "model", "model.vae", "config.json")
+
+
+def sampling_scheduler(pipe: DiffusionPipeline, name: str):
+    """A DDPM or DDIM sampler built from the base model's own noise schedule."""
+    return SAMPLERS[name].from_config(pipe.scheduler.config)
+
+
+def training_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:
+    """The model's training noise schedule (betas, prediction type) as a DDPM scheduler."""
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline checks: fail in about a second with a useful message instead of hanging on the hub.
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub_resource(name: str, repo_type: str, key: str, probe_file: str) -> None:
+    """Pass if ``name`` is a local directory, is in the HF cache, or the hub is reachable."""
+    if Path(name).expanduser().is_dir():
+        return
+    if name.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"{key}={name!r}: no such directory")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, probe_file, repo_type=repo_type)
+    if isinstance(cached, str) or hub_reachable():
+        return
+    kind = "dataset" if repo_type == "dataset" else "model"
+    raise OfflineError(
+        f"{key}={name!r} is a Hugging Face hub {kind} id, it is not in the local cache, and the hub "
+        f"can't be reached (offline). Download it where the hub is reachable, e.g.\n"
+        f"    huggingface-cli download {'--repo-type dataset ' if kind == 'dataset' else ''}{name} "
+        f"--local-dir /path/to/{name.split('/')[-1]}\n"
+        f"then point at the copy: {key}=/path/to/{name.split('/')[-1]}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny models (sizes from ../shared/guides/stack-facts.md and diffusers' own test suite).
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer with no merges: every character is a token. No download."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(c, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _tiny_text_encoder(tokenizer: CLIPTokenizer, projection: bool):
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
+    # 4 levels, so the latent is 1/8 of the image side as in the real models.
+    return AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _noise_schedule() -> dict:
+    # The betas both SD 1.5 and SDXL were trained with.
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+    )
+
+
+def build_tiny_pipeline(family: str) -> DiffusionPipeline:
+    """A randomly initialised SDXL or SD 1.5 pipeline of the real classes, seeded by TINY_SEED."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        tokenizer = tiny_tokenizer()
+        unet_kwargs = dict(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            norm_num_groups=32,
+        )
+        if family == "sd15":
+            unet = UNet2DConditionModel(cross_attention_dim=32, **unet_kwargs)
+            return StableDiffusionPipeline(
+                vae=_tiny_vae(0.18215),
+                text_encoder=_tiny_text_encoder(tokenizer, projection=False),
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **_noise_schedule()),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        if family != "sdxl":
+            raise ValueError(f"model.family={family!r} is not one of 'sdxl', 'sd15'")
+        time_dim, pooled_dim = 8, 32
+        unet = UNet2DConditionModel(
+            cross_attention_dim=64,  # hidden(te1) + hidden(te2), concatenated as in SDXL
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            # 6 size/crop numbers, each embedded to time_dim, plus te2's pooled projection
+            projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            **unet_kwargs,
+        )
+        return StableDiffusionXLPipeline(
+            vae=_tiny_vae(0.13025),
+            text_encoder=_tiny_text_encoder(tokenizer, projection=False),
+            text_encoder_2=_tiny_text_encoder(tokenizer, projection=True),
+            tokenizer=tokenizer,
+            tokenizer_2=tiny_tokenizer(),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **_noise_schedule()),
+            add_watermarker=False,
+        )

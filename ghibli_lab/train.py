@@ -1,0 +1,355 @@
+"""LoRA fine-tuning of SDXL / SD 1.5:  python -m ghibli_lab.train [overrides]   (-m for sweeps)
+
+``train(cfg, run_dir)`` reads top to bottom: config → pipeline → LoRA → data → loop → save →
+samples. Everything a run produces lands in its run dir (see README, "Outputs").
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ghibli_lab.config import check_config, register_configs
+from ghibli_lab.data import ImageCaptionDataset, collate, load_records, split_records
+from ghibli_lab.lora import adapted_models, attach_lora, save_lora
+from ghibli_lab.loss import diffusion_loss, sample_noise
+from ghibli_lab.pipeline import check_model_source, load_pipeline, training_scheduler
+from ghibli_lab.sampling import save_samples
+from ghibli_lab.tracking import Tracker
+
+log = logging.getLogger(__name__)
+register_configs()
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | None = None) -> dict:
+    """Train one LoRA as ``cfg`` says, writing everything into ``run_dir``. Returns the summary."""
+    start = time.time()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # Bad input fails here, before any model loads.
+    check_config(cfg)
+    check_model_source(cfg.model)
+    records = load_records(cfg.dataset, cfg.cache_dir)
+    train_records, holdout_records = split_records(records, cfg.dataset.holdout_fraction)
+    if not train_records:
+        raise ValueError(f"dataset {cfg.dataset.name!r} leaves no training images after the hold-out split")
+
+    # Hydra runs multirun jobs in one process; accelerate's state is a per-process singleton.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    set_seed(cfg.seed)
+    device = accelerator.device
+    weight_dtype = DTYPES[cfg.train.mixed_precision]
+    if device.type == "cpu" and weight_dtype == torch.float16:
+        weight_dtype = torch.float32  # CPU fp16 kernels are slow or missing; accelerate runs fp32 anyway
+
+    tracker = Tracker(
+        run_dir,
+        cfg.logger,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        group=group,
+        name=name or run_dir.name,
+        active=accelerator.is_main_process,
+    )
+    try:
+        # Pipeline, then LoRA. Frozen weights in half precision when asked; LoRA params stay fp32
+        # so the optimizer never sees fp16 gradients ("Attempting to unscale FP16 gradients").
+        pipe = load_pipeline(cfg.model)
+        params = attach_lora(pipe, cfg.lora)
+        pipe.to(device)
+        if weight_dtype != torch.float32:
+            pipe.to(dtype=weight_dtype)
+        if weight_dtype == torch.float16 and cfg.model.family == "sdxl" and not cfg.model.vae:
+            pipe.vae.to(dtype=torch.float32)  # the stock SDXL VAE overflows in fp16 (NaNs, black images)
+        models = adapted_models(pipe)
+        set_train_mode(pipe, True)
+        cast_training_params(list(models.values()), dtype=torch.float32)
+        if cfg.train.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            for model_name, model in models.items():
+                if model_name != "unet":
+                    model.gradient_checkpointing_enable()
+        noise_scheduler = training_scheduler(pipe)
+        n_trainable = sum(p.numel() for p in params)
+        log.info(
+            "LoRA rank %d alpha %g (scale alpha/rank = %.3g) on %s: %d trainable parameters",
+            cfg.lora.rank, cfg.lora.alpha, cfg.lora.alpha / cfg.lora.rank, ", ".join(models), n_trainable,
+        )
+
+        # Data.
+        ds = cfg.dataset
+        train_set = ImageCaptionDataset(train_records, ds.resolution, ds.center_crop, ds.random_flip)
+        loader = DataLoader(
+            train_set,
+            batch_size=cfg.train.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            num_workers=cfg.train.num_workers,
+            drop_last=len(train_set) >= cfg.train.batch_size,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        val_batches = encode_validation_set(pipe, holdout_records, ds.resolution, cfg.train.batch_size)
+        updates_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
+        max_steps = cfg.train.max_steps or cfg.train.epochs * updates_per_epoch
+        log.info("%d training / %d held-out images; %d steps", len(train_records), len(holdout_records), max_steps)
+
+        # Optimizer and schedule.
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.train.lr,
+            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+            eps=cfg.train.adam_eps,
+            weight_decay=cfg.train.weight_decay,
+        )
+        lr_scheduler = get_scheduler(
+            cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=max_steps
+        )
+        prepared = accelerator.prepare(*models.values(), optimizer, loader)
+        optimizer, loader = prepared[-2:]
+
+        # Loop.
+        step, epoch, window_loss, window_n = 0, 0, torch.zeros((), device=device), 0
+        first_val = val_loss = validation_loss(pipe, val_batches, noise_scheduler, cfg)
+        if val_loss is not None:
+            tracker.log({"val/loss": val_loss}, step=0)
+        progress = tqdm(total=max_steps, desc=f"train {run_dir.name}", disable=not accelerator.is_main_process)
+        while step < max_steps:
+            for batch in loader:
+                with accelerator.accumulate(*models.values()):
+                    loss = training_loss(pipe, batch, noise_scheduler, weight_dtype, cfg).mean()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window_loss += loss.detach()  # no .item() here: no host sync inside the step
+                window_n += 1
+                if not accelerator.sync_gradients:
+                    continue
+                lr_scheduler.step()
+                step += 1
+                progress.update(1)
+                if step % cfg.train.log_every == 0 or step == max_steps:
+                    train_loss = (window_loss / window_n).item()
+                    tracker.log({"train/loss": train_loss, "train/lr": lr_scheduler.get_last_lr()[0], "train/epoch": epoch}, step)
+                    progress.set_postfix(loss=f"{train_loss:.4f}")
+                    window_loss, window_n = torch.zeros((), device=device), 0
+                if every(step, cfg.train.val_every, max_steps) and val_batches:
+                    val_loss = validation_loss(pipe, val_batches, noise_scheduler, cfg)
+                    tracker.log({"val/loss": val_loss}, step)
+                if every(step, cfg.train.sample_every) and accelerator.is_main_process:
+                    path = write_samples(pipe, cfg, run_dir / "samples" / f"step_{step:06d}.png")
+                    tracker.log_image("samples/grid", path, step, caption="top: base, bottom: LoRA")
+                if every(step, cfg.train.checkpoint_every) and step < max_steps and accelerator.is_main_process:
+                    save_lora(pipe, run_dir / "checkpoints" / f"step_{step:06d}" / "lora")
+                if step >= max_steps:
+                    break
+            epoch += 1
+        progress.close()
+
+        # Save, then samples.
+        accelerator.wait_for_everyone()
+        summary = {}
+        if accelerator.is_main_process:
+            files = save_lora(pipe, run_dir / "lora")
+            path = write_samples(pipe, cfg, run_dir / "samples" / "final.png")
+            tracker.log_image("samples/grid", path, step, caption="top: base, bottom: LoRA")
+            wall = time.time() - start
+            summary = {
+                "steps": step,
+                "epochs": round(step / updates_per_epoch, 3),
+                "train/loss": train_loss,
+                "val/loss": val_loss,
+                "val/loss_initial": first_val,
+                "lora/rank": cfg.lora.rank,
+                "lora/alpha": cfg.lora.alpha,
+                "lora/scale": cfg.lora.alpha / cfg.lora.rank,
+                "trainable_params": n_trainable,
+                "n_train": len(train_records),
+                "n_holdout": len(holdout_records),
+                "wall_time_s": round(wall, 2),
+                "steps_per_s": round(step / wall, 3),
+                "lora_files": {k: str(v.relative_to(run_dir)) for k, v in files.items()},
+            }
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            tracker.summary({k: v for k, v in summary.items() if k != "lora_files"})
+            log.info("done: %s", run_dir)
+        tracker.finish()
+        return summary
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    finally:
+        accelerator.free_memory()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def every(step: int, interval: int, last: int | None = None) -> bool:
+    """True every ``interval`` steps (0 = never), and at ``last`` when given."""
+    return interval > 0 and (step % interval == 0 or step == last)
+
+
+def encode_text(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings as the SD/SDXL pipelines compute them, but differentiable, so a
+    text-encoder LoRA can train. SDXL: penultimate hidden states of both encoders, concatenated,
+    plus the second encoder's pooled projection. SD 1.5: the last hidden state."""
+    sdxl = hasattr(pipe, "text_encoder_2")
+    pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if sdxl else [])
+    embeds, pooled = [], None
+    for tokenizer, encoder in pairs:
+        ids = tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(encoder.device)
+        out = encoder(ids, output_hidden_states=sdxl)
+        embeds.append(out.hidden_states[-2] if sdxl else out[0])
+        pooled = out[0]  # for SDXL's second encoder this is the pooled text projection
+    return torch.cat(embeds, dim=-1), (pooled if sdxl else None)
+
+
+def unet_prediction(pipe, noisy, timesteps, captions, original_size, crop_top_left, dtype) -> torch.Tensor:
+    """Run the UNet with the text (and, for SDXL, size) conditioning of ``captions``."""
+    text_trainable = any(p.requires_grad for name, m in adapted_models(pipe).items() if name != "unet" for p in m.parameters())
+    # Frozen text encoders run without autograd; with both frozen on SDXL a graph through them
+    # would make the second backward fail (stack-facts, "Frozen text encoders").
+    with torch.set_grad_enabled(text_trainable and torch.is_grad_enabled()):
+        embeds, pooled = encode_text(pipe, captions)
+    kwargs = {}
+    if pooled is not None:
+        # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop, target size.
+        res = noisy.shape[-1] * pipe.vae_scale_factor
+        target = torch.tensor([res, res], device=noisy.device).expand(len(captions), 2)
+        time_ids = torch.cat([original_size.to(noisy.device), crop_top_left.to(noisy.device), target], dim=1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+    return pipe.unet(noisy, timesteps, encoder_hidden_states=embeds.to(dtype), **kwargs).sample
+
+
+def encode_latents(pipe, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+    with torch.no_grad():
+        dist = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
+        latents = dist.sample() if sample else dist.mean
+    return latents * pipe.vae.config.scaling_factor
+
+
+def training_loss(pipe, batch: dict, noise_scheduler, dtype: torch.dtype, cfg: DictConfig) -> torch.Tensor:
+    """Per-sample loss of one batch at random timesteps: noise or v-prediction MSE, optionally
+    min-SNR-γ weighted, with optional offset noise."""
+    latents = encode_latents(pipe, batch["pixel_values"]).to(dtype)
+    noise = sample_noise(latents, cfg.train.noise_offset)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet_prediction(pipe, noisy, timesteps, batch["caption"], batch["original_size"], batch["crop_top_left"], dtype)
+    return diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, cfg.train.snr_gamma)
+
+
+def encode_validation_set(pipe, records, resolution: int, batch_size: int) -> list[dict]:
+    """Held-out images as latents (VAE mean, center crop, no flip), encoded once per run."""
+    dataset = ImageCaptionDataset(records, resolution, center_crop=True, random_flip=False)
+    batches = []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        batch["latents"] = encode_latents(pipe, batch.pop("pixel_values"), sample=False)
+        batches.append(batch)
+    return batches
+
+
+@torch.no_grad()
+def validation_loss(pipe, val_batches: list[dict], noise_scheduler, cfg: DictConfig) -> float | None:
+    """Mean unweighted loss on the held-out set at fixed timesteps with fixed noise.
+
+    The per-step training loss is dominated by the random timestep and shows no trend; this one
+    only changes when the model does (as kohya's validation loss). The global RNG is saved and
+    restored, so validating never changes the training trajectory.
+    """
+    if not val_batches:
+        return None
+    unet = pipe.unet
+    set_train_mode(pipe, False)  # LoRA dropout off
+    total, count = 0.0, 0
+    with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
+        generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        for batch in val_batches:
+            latents = batch["latents"].to(unet.device, unet.dtype)
+            for t in cfg.train.val_timesteps:
+                noise = torch.randn(latents.shape, generator=generator).to(latents)
+                timesteps = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                pred = unet_prediction(
+                    pipe, noisy, timesteps, batch["caption"], batch["original_size"], batch["crop_top_left"], unet.dtype
+                )
+                loss = diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, snr_gamma=None)
+                total += loss.sum().item()
+                count += loss.numel()
+    set_train_mode(pipe, True)
+    return total / count
+
+
+def set_train_mode(pipe, training: bool) -> None:
+    """Frozen components always in eval mode; the adapted ones in train mode only while training."""
+    adapted = adapted_models(pipe)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.train(training and any(component is m for m in adapted.values()))
+
+
+def write_samples(pipe, cfg: DictConfig, path: Path) -> Path:
+    set_train_mode(pipe, False)
+    with torch.random.fork_rng(devices=[]):  # sampling must not shift the training RNG either
+        path = save_samples(
+            pipe,
+            path,
+            prompts=[cfg.dataset.caption_prefix + p for p in cfg.sample.prompts],
+            seeds=list(cfg.sample.seeds),
+            scheduler=cfg.scheduler.name,
+            steps=cfg.scheduler.steps,
+            guidance_scale=cfg.guidance.scale,
+            resolution=cfg.dataset.resolution,
+        )
+    set_train_mode(pipe, True)
+    return path
+
+
+def update_latest(output_root: str | Path, target: Path) -> None:
+    """Point ``<output_root>/latest`` at ``target`` (atomically: symlink to a temp name, rename)."""
+    link = Path(output_root) / "latest"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".latest.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()))
+    os.replace(tmp, link)
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sweep = hc.mode == RunMode.MULTIRUN
+    update_latest(cfg.output_root, Path(hc.sweep.dir) if sweep else run_dir)
+    summary = train(cfg, run_dir, group=Path(hc.sweep.dir).name if sweep else None, name=run_dir.name)
+    return summary.get("val/loss")  # what a sweeper would minimise
+
+
+if __name__ == "__main__":
+    main()
