@@ -118,8 +118,30 @@ class TrainRunConfig:
     logger: LoggerConfig = MISSING
 
 
+@dataclass
+class EvalConfig:
+    features: str = "auto"  # inception | clip | tiny | auto (tiny for tiny models, else inception)
+    scheduler: str = "ddim"  # ddpm | ddim
+    steps: int = 30
+    images_per_prompt: int = 2  # per held-out caption, at seeds seed .. seed + images_per_prompt - 1
+    seed: int = 0
+    resolution: Optional[int] = None  # null: the run's training resolution
+    kid_subset_size: int = 1000  # clamped to N (and reported) when N is smaller
+    clip_model: str = "openai/clip-vit-large-patch14"  # hub id or local dir
+    inception_path: Optional[str] = None  # null: <cache_dir>/features/inception-2015-12-05.pt
+
+
+@dataclass
+class EvaluateRunConfig:
+    run_dir: str = "outputs/latest"  # a run dir or a sweep dir
+    cache_dir: Optional[str] = None  # null: the run's own training cache_dir
+    guidance: GuidanceConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateRunConfig)
     if not OmegaConf.has_resolver("swept"):
         OmegaConf.register_new_resolver("swept", swept_values)
 

@@ -167,6 +167,14 @@ def _noise_schedule() -> dict:
 
 def build_tiny_pipeline(family: str) -> DiffusionPipeline:
     """A randomly initialised SDXL or SD 1.5 pipeline of the real classes, seeded by TINY_SEED."""
+    pipe = _tiny_pipeline(family)
+    for component in pipe.components.values():  # eval mode, as from_pretrained leaves models
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+def _tiny_pipeline(family: str) -> DiffusionPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         tokenizer = tiny_tokenizer()

@@ -91,6 +91,16 @@ class Tracker:
 
             self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
+    def identity(self) -> dict[str, Any]:
+        """What is needed to reopen this W&B run later (its id, project and mode)."""
+        run = self.run
+        return {
+            "id": run.id if run is not None else None,
+            "project": run.project if run is not None else None,
+            "entity": run.entity if run is not None and self.mode == "online" else None,
+            "mode": self.mode,
+        }
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.summary.update(values)

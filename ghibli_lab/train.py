@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -31,7 +32,7 @@ from ghibli_lab.config import check_config, register_configs
 from ghibli_lab.data import ImageCaptionDataset, collate, load_records, split_records
 from ghibli_lab.lora import adapted_models, attach_lora, save_lora
 from ghibli_lab.loss import diffusion_loss, sample_noise
-from ghibli_lab.pipeline import check_model_source, load_pipeline, training_scheduler
+from ghibli_lab.pipeline import OfflineError, check_model_source, load_pipeline, training_scheduler
 from ghibli_lab.sampling import save_samples
 from ghibli_lab.tracking import Tracker
 
@@ -160,7 +161,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
                     val_loss = validation_loss(pipe, val_batches, noise_scheduler, cfg)
                     tracker.log({"val/loss": val_loss}, step)
                 if every(step, cfg.train.sample_every) and accelerator.is_main_process:
-                    path = write_samples(pipe, cfg, run_dir / "samples" / f"step_{step:06d}.png")
+                    path = write_samples(pipe, cfg, run_dir / "samples" / f"step_{step:06d}.png", weight_dtype)
                     tracker.log_image("samples/grid", path, step, caption="top: base, bottom: LoRA")
                 if every(step, cfg.train.checkpoint_every) and step < max_steps and accelerator.is_main_process:
                     save_lora(pipe, run_dir / "checkpoints" / f"step_{step:06d}" / "lora")
@@ -174,7 +175,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
         summary = {}
         if accelerator.is_main_process:
             files = save_lora(pipe, run_dir / "lora")
-            path = write_samples(pipe, cfg, run_dir / "samples" / "final.png")
+            path = write_samples(pipe, cfg, run_dir / "samples" / "final.png", weight_dtype)
             tracker.log_image("samples/grid", path, step, caption="top: base, bottom: LoRA")
             wall = time.time() - start
             summary = {
@@ -191,10 +192,11 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
                 "n_holdout": len(holdout_records),
                 "wall_time_s": round(wall, 2),
                 "steps_per_s": round(step / wall, 3),
-                "lora_files": {k: str(v.relative_to(run_dir)) for k, v in files.items()},
             }
+            tracker.summary(summary)
+            summary["lora_files"] = {k: str(v.relative_to(run_dir)) for k, v in files.items()}
+            summary["wandb"] = tracker.identity()  # lets evaluation add to this run's W&B summary
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            tracker.summary({k: v for k, v in summary.items() if k != "lora_files"})
             log.info("done: %s", run_dir)
         tracker.finish()
         return summary
@@ -232,10 +234,9 @@ def encode_text(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor |
 
 def unet_prediction(pipe, noisy, timesteps, captions, original_size, crop_top_left, dtype) -> torch.Tensor:
     """Run the UNet with the text (and, for SDXL, size) conditioning of ``captions``."""
-    text_trainable = any(p.requires_grad for name, m in adapted_models(pipe).items() if name != "unet" for p in m.parameters())
-    # Frozen text encoders run without autograd; with both frozen on SDXL a graph through them
-    # would make the second backward fail (stack-facts, "Frozen text encoders").
-    with torch.set_grad_enabled(text_trainable and torch.is_grad_enabled()):
+    # Frozen text encoders run without autograd (set_train_mode keeps them in eval mode); on SDXL a
+    # graph through both frozen encoders makes the second backward fail (stack-facts).
+    with torch.set_grad_enabled(pipe.text_encoder.training and torch.is_grad_enabled()):
         embeds, pooled = encode_text(pipe, captions)
     kwargs = {}
     if pooled is not None:
@@ -286,9 +287,9 @@ def validation_loss(pipe, val_batches: list[dict], noise_scheduler, cfg: DictCon
     if not val_batches:
         return None
     unet = pipe.unet
-    set_train_mode(pipe, False)  # LoRA dropout off
     total, count = 0.0, 0
-    with torch.random.fork_rng(devices=[unet.device] if unet.device.type == "cuda" else []):
+    devices = [unet.device] if unet.device.type == "cuda" else []
+    with eval_mode(pipe), torch.random.fork_rng(devices=devices):
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
         for batch in val_batches:
             latents = batch["latents"].to(unet.device, unet.dtype)
@@ -302,7 +303,6 @@ def validation_loss(pipe, val_batches: list[dict], noise_scheduler, cfg: DictCon
                 loss = diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, snr_gamma=None)
                 total += loss.sum().item()
                 count += loss.numel()
-    set_train_mode(pipe, True)
     return total / count
 
 
@@ -314,10 +314,26 @@ def set_train_mode(pipe, training: bool) -> None:
             component.train(training and any(component is m for m in adapted.values()))
 
 
-def write_samples(pipe, cfg: DictConfig, path: Path) -> Path:
-    set_train_mode(pipe, False)
-    with torch.random.fork_rng(devices=[]):  # sampling must not shift the training RNG either
-        path = save_samples(
+@contextmanager
+def eval_mode(pipe):
+    """Every component in eval mode (LoRA dropout off) inside the block; modes restored after."""
+    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def write_samples(pipe, cfg: DictConfig, path: Path, dtype: torch.dtype) -> Path:
+    # Half-precision frozen weights with fp32 LoRA weights need autocast, as in training.
+    autocast = torch.autocast(pipe.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # Sampling must not shift the training RNG either.
+    with eval_mode(pipe), torch.random.fork_rng(devices=[]), autocast:
+        return save_samples(
             pipe,
             path,
             prompts=[cfg.dataset.caption_prefix + p for p in cfg.sample.prompts],
@@ -327,8 +343,6 @@ def write_samples(pipe, cfg: DictConfig, path: Path) -> Path:
             guidance_scale=cfg.guidance.scale,
             resolution=cfg.dataset.resolution,
         )
-    set_train_mode(pipe, True)
-    return path
 
 
 def update_latest(output_root: str | Path, target: Path) -> None:
@@ -347,7 +361,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     sweep = hc.mode == RunMode.MULTIRUN
     update_latest(cfg.output_root, Path(hc.sweep.dir) if sweep else run_dir)
-    summary = train(cfg, run_dir, group=Path(hc.sweep.dir).name if sweep else None, name=run_dir.name)
+    try:
+        summary = train(cfg, run_dir, group=Path(hc.sweep.dir).name if sweep else None, name=run_dir.name)
+    except OfflineError as err:  # an expected failure offline: the message, not a stack trace
+        raise SystemExit(f"ghibli_lab.train: {err}") from None
     return summary.get("val/loss")  # what a sweeper would minimise
 
 

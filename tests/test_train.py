@@ -31,10 +31,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("model", ["tiny_sd15", "tiny_sdxl"])
-def test_tiny_models_train_and_leave_complete_run_dir(tiny_cfg, tmp_path, model):
-    """Both architectures train a few steps and leave LoRA files, metrics, summary and samples."""
-    cfg = tiny_cfg(f"model={model}", "lora.text_encoder=true")
+@pytest.mark.parametrize("model,precision", [("tiny_sd15", "no"), ("tiny_sdxl", "no"), ("tiny_sdxl", "bf16")])
+def test_tiny_models_train_and_leave_complete_run_dir(tiny_cfg, tmp_path, model, precision):
+    """Both architectures train a few steps (also with bf16 frozen weights) and leave LoRA files,
+    metrics, summary and samples; the saved LoRA weights are fp32."""
+    cfg = tiny_cfg(f"model={model}", "lora.text_encoder=true", f"train.mixed_precision={precision}")
     run_dir = tmp_path / "run"
     summary = train(cfg, run_dir)
 
@@ -43,6 +44,7 @@ def test_tiny_models_train_and_leave_complete_run_dir(tiny_cfg, tmp_path, model)
     kohya = load_file(run_dir / "lora" / "lora_kohya.safetensors")
     assert any(k.startswith("lora_unet_") for k in kohya)
     assert any(k.startswith("lora_te") for k in kohya)  # text-encoder LoRA was trained and saved
+    assert {v.dtype for v in kohya.values()} == {torch.float32}
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "val/loss" in r] == [0, 2, 4]
