@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from omegaconf import DictConfig
 from peft import LoraConfig
@@ -65,7 +64,10 @@ def save_lora(pipe: DiffusionPipeline, out_dir: str | Path) -> dict[str, Path]:
     models = adapted_models(pipe)
     layers, metadata = {}, {}
     for name, model in models.items():
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        # PEFT keys (lora_A/lora_B) as they are. convert_state_dict_to_diffusers rewrites only the
+        # attention keys (to lora.down/up) and leaves conv/proj keys alone; load_lora_weights then
+        # reads the mixed file as PEFT format and silently drops every attention weight.
+        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
         # Without the adapter metadata, save_lora_weights drops lora_alpha and a reload uses
         # alpha = rank: a different adapter whenever alpha != rank (stack-facts, "Saving loses alpha").
         metadata[f"{name}_lora_adapter_metadata"] = model.peft_config[ADAPTER].to_dict()

@@ -65,17 +65,22 @@ def assert_different_image(a, b):
     assert np.abs(a - b).max() > 0.05
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+# Attention only (the default), and attention plus convolutions, projections and feed-forwards:
+# a diffusers-format file mixing both once reloaded with every attention weight silently dropped.
+WIDE = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
+
+@pytest.fixture(scope="module", params=[("sd15", None), ("sdxl", None), ("sd15", "wide"), ("sdxl", "wide")])
 def trained(request, tmp_path_factory):
     """A tiny pipeline with a perturbed rank-4 / alpha-16 adapter (UNet and text encoders), saved."""
-    family = request.param
+    family, targets = request.param
     pipe = build_tiny_pipeline(family)
     base = generate(pipe)
-    attach_lora(pipe, lora_cfg())
+    attach_lora(pipe, lora_cfg(**({"target_modules": WIDE} if targets else {})))
     untrained = generate(pipe)
     perturb(pipe)
     image = generate(pipe)
-    out_dir = tmp_path_factory.mktemp(f"lora_{family}")
+    out_dir = tmp_path_factory.mktemp(f"lora_{family}_{targets}")
     paths = save_lora(pipe, out_dir)
     return {"family": family, "base": base, "untrained": untrained, "image": image, "paths": paths, "dir": out_dir}
 
