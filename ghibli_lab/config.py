@@ -7,6 +7,7 @@ express. Every option of a group fills exactly these keys.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -147,7 +148,7 @@ def register_configs() -> None:
 
 
 def swept_values(task_overrides: list[str]) -> str:
-    """``lora.alpha=4,lora.rank=8``: this job's values of the keys swept on the command line.
+    """``lora.alpha-4_lora.rank-8``: this job's values of the keys swept on the command line.
 
     Used to name sweep sub-dirs (``hydra.sweep.subdir``). Hydra's ``override_dirname`` holds every
     override, swept or not; which ones were swept is only visible in the original arguments.
@@ -164,8 +165,11 @@ def swept_values(task_overrides: list[str]) -> str:
             continue
         if override.is_sweep_override():
             swept.add(override.get_key_element())
-    items = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept]
-    return ",".join(sorted(items or task_overrides))
+    items = [o for o in task_overrides if o.split("=", 1)[0].lstrip("+~") in swept] or list(task_overrides)
+    # key-value pairs joined by "_", and nothing Hydra's override grammar would need quoted
+    # (no "=", ",", spaces), so a run dir can be passed back as run_dir=... as it is.
+    labels = ("-".join(o.lstrip("+~").split("=", 1)) for o in sorted(items))
+    return "_".join(re.sub(r"[^A-Za-z0-9._+-]", "-", label) for label in labels)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {

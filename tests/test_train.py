@@ -166,17 +166,17 @@ def test_multirun_grid_makes_one_complete_run_dir_per_job(tmp_path):
     assert latest.is_symlink() and "sweeps" in os.readlink(latest)
     runs = sorted(p for p in latest.iterdir() if p.is_dir())
     assert [r.name for r in runs] == [
-        "0_lora.alpha=4,lora.rank=4",
-        "1_lora.alpha=8,lora.rank=4",
-        "2_lora.alpha=4,lora.rank=8",
-        "3_lora.alpha=8,lora.rank=8",
+        "0_lora.alpha-4_lora.rank-4",
+        "1_lora.alpha-8_lora.rank-4",
+        "2_lora.alpha-4_lora.rank-8",
+        "3_lora.alpha-8_lora.rank-8",
     ]
     for run in runs:
         for f in ["lora/pytorch_lora_weights.safetensors", "lora/lora_kohya.safetensors", "metrics.jsonl",
                   "summary.json", "samples/final.png", ".hydra/config.yaml"]:
             assert (run / f).is_file(), f"{run.name}: {f} missing"
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-        rank, alpha = int(run.name.split("rank=")[1]), int(run.name.split("alpha=")[1].split(",")[0])
+        rank, alpha = int(run.name.split("rank-")[1]), int(run.name.split("alpha-")[1].split("_")[0])
         assert (cfg.lora.rank, cfg.lora.alpha) == (rank, alpha)
         kohya = load_file(run / "lora" / "lora_kohya.safetensors")
         assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {float(alpha)}
