@@ -4,9 +4,10 @@
 PY := .venv/bin/python
 VENV := .venv/.installed
 ARGS ?=
+RUN ?= outputs/latest
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test train sweep clean
+.PHONY: help install demo test train sweep eval clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -19,10 +20,12 @@ $(VENV): pyproject.toml
 
 install: $(VENV) ## create .venv and install the project (done by every target on first use)
 
-demo: $(VENV) ## 2x2 rank x alpha sweep on tiny SDXL + generated data: offline, CPU, ~1-2 min
+demo: $(VENV) ## 2x2 rank x alpha sweep on tiny SDXL + generated data, then its evaluation: offline, CPU, ~2 min
 	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.train -m experiment=demo lora.rank=4,8 lora.alpha=4,8 $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.evaluate run_dir=outputs/latest eval.steps=4
 	@echo; echo "Results: outputs/latest -> $$(readlink outputs/latest)"; \
-	  echo "  each run: lora/ (diffusers + kohya files), samples/final.png, metrics.jsonl, summary.json"
+	  echo "  eval_table.md: the runs and the base model, by held-out KID"; \
+	  echo "  each run: lora/ (diffusers + kohya files), eval/metrics.json, samples/final.png, metrics.jsonl"
 
 test: $(VENV) ## run the test suite (tiny models, offline; slow and GPU tests deselected)
 	$(PY) -m pytest -q -m "not slow and not gpu"
@@ -32,6 +35,9 @@ train: $(VENV) ## one run: make train ARGS="model=sdxl dataset=ghibli100 lora.ra
 
 sweep: $(VENV) ## the 12-run rank x alpha grid of the seed study (SDXL, Ghibli-100; needs a GPU)
 	$(PY) -m ghibli_lab.train -m experiment=ghibli100_sdxl lora.rank=4,8,16 lora.alpha=4,8,16,32 $(ARGS)
+
+eval: $(VENV) ## held-out KID/FID/CLIP/val-loss of outputs/latest (RUN=<run or sweep dir>, ARGS="eval.steps=50")
+	$(PY) -m ghibli_lab.evaluate run_dir=$(RUN) $(ARGS)
 
 clean: ## remove outputs/ and caches (keeps .venv)
 	rm -rf outputs .cache .pytest_cache

@@ -1,0 +1,559 @@
+"""Image metrics: KID, FID, CLIP score and a CLIP style similarity, with the protocol stamped.
+
+The metric math is torchmetrics' (``KernelInceptionDistance``, ``FrechetInceptionDistance``,
+``CLIPScore``); this module supplies the feature extractors, so the numbers follow clean-fid's
+protocol (Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN Evaluation"):
+
+* features: the StyleGAN2-ADA TorchScript port of TF Inception-v3 (``inception-2015-12-05.pt``),
+  pool3 features (2048-d), input scaled as clean-fid does, ``(x - 128) / 128``;
+* resize: per channel, PIL bicubic on float32 images (mode "F") to 299x299, no uint8 round trip.
+
+torchmetrics calls a custom ``feature=`` module as ``feature(imgs)`` on exactly the tensor given to
+``update`` (``normalize`` only rescales for its built-in Inception), and takes the feature size from
+the module's ``num_features`` attribute (FID; otherwise it runs a dummy 299x299 uint8 image). Every
+feature module here therefore takes uint8 ``[N, 3, H, W]`` of any size, resizes by itself, returns
+float ``[N, D]`` and carries ``num_features``.
+
+Offline, nothing is downloaded: a missing Inception file or an uncached CLIP model raises
+``FeatureUnavailable`` naming the file or model and how to point at a local copy. ``features="tiny"``
+builds small random seeded models in memory for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import tempfile
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+from ghibli_lab.pipeline import OfflineError, check_hub_resource, tiny_tokenizer
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+# clean-fid 0.1.35, cleanfid/downloads_helper.py: `inception_url`.
+INCEPTION_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+)
+# clean-fid publishes no checksum. This is the digest k-diffusion (crowsonkb/k-diffusion,
+# k_diffusion/evaluation.py, PyPI k-diffusion 0.1.1.post1) verifies for this exact URL before use;
+# several unrelated projects pin the same value. Not recomputed here (the URL is unreachable).
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+INCEPTION_DIM = 2048
+INCEPTION_SIZE = 299
+
+TINY_SEED = 0  # fixed, so tiny features are the same in every run
+TINY_DIM = 64
+TINY_SIZE = 64
+FID_MIN_N = 2048  # below this FID is dominated by its small-sample bias (Heusel et al. 2017 use 50k)
+
+
+class FeatureUnavailable(RuntimeError):
+    """A feature model is needed, is not available locally, and can't be downloaded."""
+
+
+class TensorFeaturesCLIPModel(CLIPModel):
+    """``CLIPModel`` whose ``get_*_features`` return the projected embedding tensor.
+
+    transformers 5 returns a ``BaseModelOutputWithPooling`` (projection in ``.pooler_output``);
+    torchmetrics 1.9 ``CLIPScore`` expects the tensor (transformers 4 behaviour) and calls ``.norm``.
+    """
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return _pooled(super().get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return _pooled(super().get_text_features(*args, **kwargs))
+
+
+def _pooled(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@dataclass
+class FeatureModels:
+    """Feature extractors for one evaluation, and the protocol to stamp on its numbers."""
+
+    name: str  # "inception" | "clip" | "tiny"
+    image: nn.Module  # uint8 [N, 3, H, W] -> float [N, D]; torchmetrics `feature=`
+    clip_model: TensorFeaturesCLIPModel
+    clip_processor: CLIPProcessor
+    protocol: dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Resizing and feature modules
+
+
+def clean_resize(images_uint8: torch.Tensor, size: int) -> torch.Tensor:
+    """clean-fid's resize: each channel as a float32 PIL image (mode "F"), bicubic, to size x size.
+
+    Resizing in float avoids the uint8 quantisation and the aliasing of tensor-library resizers
+    that Parmar et al. 2022 show shift FID (cleanfid/resize.py, ``make_resizer("PIL", False, ...)``).
+    Returns float32 ``[N, 3, size, size]`` in 0..255.
+    """
+    if images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
+        raise ValueError(f"expected images as [N, 3, H, W], got shape {tuple(images_uint8.shape)}")
+    arrays = images_uint8.detach().cpu().numpy().astype(np.float32)
+    out = np.empty((len(arrays), 3, size, size), dtype=np.float32)
+    for i, image in enumerate(arrays):
+        for c in range(3):
+            channel = Image.fromarray(image[c])  # 2-D float32 -> mode "F"
+            out[i, c] = np.asarray(channel.resize((size, size), resample=Image.Resampling.BICUBIC))
+    return torch.from_numpy(out.clip(0, 255))
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class CleanInception(nn.Module):
+    """clean-fid's Inception features: clean resize to 299, ``(x - 128) / 128``, pool3 (2048-d).
+
+    Mirrors ``cleanfid.inception_torchscript.InceptionV3W`` with ``resize_inside=False``, which
+    runs ``base.layers`` of the TorchScript file on the already resized image.
+    """
+
+    num_features = INCEPTION_DIM
+
+    def __init__(self, scripted: torch.jit.ScriptModule):
+        super().__init__()
+        self.base = scripted
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = clean_resize(images_uint8, INCEPTION_SIZE).to(_module_device(self))
+        return self.base.layers.forward((x - 128) / 128).view(len(x), INCEPTION_DIM)
+
+
+class TinyImageFeatures(nn.Module):
+    """A small random conv net with the same clean-resize input path, for tests (64-d)."""
+
+    num_features = TINY_DIM
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(32, TINY_DIM),
+        )
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = clean_resize(images_uint8, TINY_SIZE).to(_module_device(self))
+        return self.net((x - 128) / 128)
+
+
+class ClipImageFeatures(nn.Module):
+    """CLIP image embeddings (projected, not normalised) as a torchmetrics feature module."""
+
+    def __init__(self, model: TensorFeaturesCLIPModel, processor: CLIPProcessor):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.num_features = int(model.config.projection_dim)
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        pixels = self.processor(images=list(images_uint8.cpu()), return_tensors="pt")["pixel_values"]
+        return self.model.get_image_features(pixel_values=pixels.to(_module_device(self.model))).float()
+
+
+class _SharedFeatures(nn.Module):
+    """Runs the wrapped feature module once per batch although FID and KID both call it."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.num_features = module.num_features
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Holding a reference to the input keeps `is` from matching a recycled object.
+        if self._last is None or self._last[0] is not images:
+            self._last = (images, self.module(images))
+        return self._last[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_feature_models(
+    features: str,
+    cache_dir: str | Path,
+    clip_model: str = "openai/clip-vit-large-patch14",
+    inception_path: str | None = None,
+    device: str | torch.device = "cpu",
+) -> FeatureModels:
+    """Load the feature models for ``features`` ("inception", "clip" or "tiny") onto ``device``.
+
+    "inception": clean-fid Inception for KID/FID plus the CLIP model ``clip_model`` for CLIP score
+    and style similarity. "clip": CLIP image embeddings for KID/FID as well. "tiny": small random
+    seeded models built in memory (no download; for tests).
+    """
+    if features == "tiny":
+        fm = _load_tiny()
+    elif features == "inception":
+        # The Inception file is checked first, so an offline error names it, not CLIP.
+        path, digest = _inception_file(cache_dir, inception_path)
+        model, processor = _load_clip(clip_model)
+        fm = FeatureModels(
+            name="inception",
+            image=CleanInception(_load_torchscript(path)),
+            clip_model=model,
+            clip_processor=processor,
+            protocol={
+                "image_features": {
+                    "name": "inception",
+                    "file": INCEPTION_FILE,
+                    "sha256": digest,
+                    "dim": INCEPTION_DIM,
+                    "url": INCEPTION_URL,
+                },
+                "clip": _clip_protocol(clip_model, model, processor),
+                "resize": f"clean-fid: PIL bicubic, float32, {INCEPTION_SIZE}x{INCEPTION_SIZE}",
+            },
+        )
+    elif features == "clip":
+        model, processor = _load_clip(clip_model)
+        clip_protocol = _clip_protocol(clip_model, model, processor)
+        fm = FeatureModels(
+            name="clip",
+            image=ClipImageFeatures(model, processor),
+            clip_model=model,
+            clip_processor=processor,
+            protocol={
+                "image_features": {
+                    "name": f"clip:{clip_model}",
+                    "file": None,
+                    "sha256": clip_protocol["sha256"],
+                    "dim": int(model.config.projection_dim),
+                },
+                "clip": clip_protocol,
+                "resize": clip_protocol["preprocess"],
+            },
+        )
+    else:
+        raise ValueError(f"features={features!r} is not one of 'inception', 'clip', 'tiny'")
+    fm.image.to(device).eval().requires_grad_(False)
+    fm.clip_model.to(device)
+    return fm
+
+
+def _load_tiny() -> FeatureModels:
+    """Random seeded conv net + CLIP; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        image = TinyImageFeatures()
+        model, processor = _tiny_clip()
+    return FeatureModels(
+        name="tiny",
+        image=image,
+        clip_model=model,
+        clip_processor=processor,
+        protocol={
+            "image_features": {
+                "name": "tiny",
+                "file": None,
+                "sha256": state_dict_sha256(image),
+                "dim": TINY_DIM,
+            },
+            "clip": _clip_protocol("tiny", model, processor),
+            "resize": f"clean-fid: PIL bicubic, float32, {TINY_SIZE}x{TINY_SIZE}",
+        },
+    )
+
+
+def _tiny_clip() -> tuple[TensorFeaturesCLIPModel, CLIPProcessor]:
+    """A CLIP with 32-wide towers on 32 px images and the byte-level tiny tokenizer."""
+    tokenizer = tiny_tokenizer()
+    tower = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **tower,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, **tower),
+        projection_dim=32,
+    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model = TensorFeaturesCLIPModel(config).eval().requires_grad_(False)
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _load_clip(name: str) -> tuple[TensorFeaturesCLIPModel, CLIPProcessor]:
+    """A hub id or local directory; offline and uncached -> FeatureUnavailable."""
+    try:
+        check_hub_resource(name, "model", "eval.clip_model", "config.json")
+    except OfflineError as e:
+        raise FeatureUnavailable(str(e)) from e
+    model = TensorFeaturesCLIPModel.from_pretrained(name, dtype=torch.float32)
+    # The PIL backend everywhere, so CLIP numbers don't depend on whether torchvision is installed.
+    processor = CLIPProcessor.from_pretrained(name, backend="pil")
+    return model.eval().requires_grad_(False), processor
+
+
+def _clip_protocol(name: str, model: CLIPModel, processor: CLIPProcessor) -> dict:
+    ip = processor.image_processor
+    crop = ip.crop_size
+    preprocess = (
+        f"CLIP processor ({type(ip).__name__}): {Image.Resampling(ip.resample).name.lower()} "
+        f"shortest side {ip.size['shortest_edge']}, center crop {crop['height']}x{crop['width']}"
+    )
+    return {"name": name, "sha256": state_dict_sha256(model), "preprocess": preprocess}
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and raw bytes, in name order)."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The Inception file: find, download, verify
+
+
+def _inception_file(cache_dir: str | Path, inception_path: str | None) -> tuple[Path, str]:
+    """Path and sha256 of a verified ``inception-2015-12-05.pt``, downloading it when online."""
+    if inception_path:
+        path = Path(inception_path).expanduser()
+        path = path / INCEPTION_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FeatureUnavailable(f"eval.inception_path={inception_path!r}: no such file")
+    else:
+        folder = Path(cache_dir).expanduser() / "features"
+        path = folder / INCEPTION_FILE
+        if not path.is_file():
+            _download_inception(path)
+    return path, _verified_sha256(path)
+
+
+def _download_inception(dest: Path) -> None:
+    """Fetch the file to a temporary name and rename, so an interrupted download leaves nothing."""
+    unavailable = (
+        f"KID/FID with features=inception need the clean-fid Inception weights {INCEPTION_FILE}, "
+        f"which are not in {dest.parent} and can't be downloaded"
+    )
+    advice = (
+        f"Download it where the network is reachable:\n    curl -L -o {INCEPTION_FILE} {INCEPTION_URL}\n"
+        f"then put it in {dest.parent}/ or point at it: eval.inception_path=/path/to/{INCEPTION_FILE}"
+    )
+    if not _url_reachable(INCEPTION_URL):
+        raise FeatureUnavailable(f"{unavailable} (offline). {advice}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{INCEPTION_FILE}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(INCEPTION_URL, timeout=60) as response:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except OSError as e:  # URLError and socket timeouts are OSErrors
+        Path(tmp).unlink(missing_ok=True)
+        raise FeatureUnavailable(f"{unavailable} ({e}). {advice}") from e
+
+
+def _url_reachable(url: str, timeout: float = 3.0) -> bool:
+    """False in offline mode (HF_HUB_OFFLINE, the project's offline switch) or if the host is down."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection((urlparse(url).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _verified_sha256(path: Path) -> str:
+    digest = file_sha256(path)
+    if INCEPTION_SHA256 is not None and digest != INCEPTION_SHA256:
+        raise FeatureUnavailable(
+            f"{path} has sha256 {digest}, but clean-fid's {INCEPTION_FILE} ({INCEPTION_URL}) has "
+            f"{INCEPTION_SHA256}. The file is corrupt or a different model: delete it and download "
+            f"it again, or point eval.inception_path at a correct copy."
+        )
+    return digest
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    # The published clean-fid Inception exists only as TorchScript, which torch now marks deprecated.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def compute_image_metrics(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    prompts: list[str],
+    fm: FeatureModels,
+    kid_subset_size: int = 1000,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict:
+    """KID, FID, CLIP score and style similarity of ``fake`` against ``real`` (uint8 [N, 3, H, W]).
+
+    ``prompts`` has one prompt per fake image. KID's subset size is clamped to the sample sizes;
+    its subsets are drawn from a generator seeded by ``seed`` (the global RNG is left untouched).
+    """
+    _check_inputs(real, fake, prompts)
+    n_real, n_fake = len(real), len(fake)
+    subset = min(kid_subset_size, n_real, n_fake)
+    kid, kid_std, fid = _kid_and_fid(real, fake, fm.image, subset, batch_size, seed)
+    n = min(n_real, n_fake)
+    return {
+        "kid": kid,
+        "kid_std": kid_std,
+        "fid": fid,
+        "clip_score": clip_score(fake, prompts, fm, batch_size),
+        "style_sim": style_similarity(real, fake, fm, batch_size),
+        "n_real": n_real,
+        "n_fake": n_fake,
+        "kid_subset_size": subset,
+        "kid_subset_clamped": subset < kid_subset_size,
+        "fid_n_warning": _fid_n_warning(n),
+    }
+
+
+def _fid_n_warning(n: int) -> str | None:
+    # The FID estimator is biased, by an amount that depends on N (Bińkowski et al. 2018); KID's is not.
+    return f"FID with N={n} < {FID_MIN_N} is dominated by sample size; compare KID" if n < FID_MIN_N else None
+
+
+def _check_inputs(real: torch.Tensor, fake: torch.Tensor, prompts: list[str]) -> None:
+    for name, images in (("real", real), ("fake", fake)):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            got = f"{images.dtype} {tuple(images.shape)}"
+            raise ValueError(f"{name} images must be uint8 [N, 3, H, W], got {got}")
+        if len(images) < 2:
+            raise ValueError(f"KID and FID need at least 2 {name} images, got {len(images)}")
+    if len(prompts) != len(fake):
+        raise ValueError(f"need one prompt per fake image: {len(prompts)} prompts for {len(fake)} images")
+
+
+def _kid_and_fid(
+    real: torch.Tensor, fake: torch.Tensor, feature: nn.Module, subset_size: int, batch_size: int, seed: int
+) -> tuple[float, float, float]:
+    """torchmetrics KID (Bińkowski et al. 2018: unbiased MMD², cubic polynomial kernel, mean/std
+    over 100 subsets) and FID (Heusel et al. 2017), sharing one feature pass per batch."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    shared = _SharedFeatures(feature)
+    device = _module_device(feature)
+    fid = FrechetInceptionDistance(feature=shared).to(device)
+    with warnings.catch_warnings():
+        # It warns that it keeps all features; that is N x D floats, a few MB at N in the thousands.
+        warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
+        kid = KernelInceptionDistance(feature=shared, subset_size=subset_size).to(device)
+    for images, is_real in ((real, True), (fake, False)):
+        for batch in images.split(batch_size):
+            fid.update(batch, real=is_real)
+            kid.update(batch, real=is_real)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # KID draws its subsets with torch.randperm
+        kid_mean, kid_std = kid.compute()
+    return float(kid_mean), float(kid_std), float(fid.compute())
+
+
+def clip_score(fake: torch.Tensor, prompts: list[str], fm: FeatureModels, batch_size: int = 32) -> float:
+    """torchmetrics CLIPScore: max(mean over images of 100 * cos(image, prompt), 0).
+
+    Hessel et al. 2021 clip each pair at 0 and scale by 2.5; torchmetrics scales by 100 and clips
+    the mean, so values are only comparable with other torchmetrics CLIP scores.
+    """
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=lambda: (fm.clip_model, fm.clip_processor))
+    # CLIPScore moves the model to the images' device, so send the images to the model's.
+    device = _module_device(fm.clip_model)
+    for start in range(0, len(fake), batch_size):
+        metric.update(fake[start : start + batch_size].to(device), prompts[start : start + batch_size])
+    return float(metric.compute())
+
+
+def clip_image_embeddings(images: torch.Tensor, fm: FeatureModels, batch_size: int = 32) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings ``[N, D]`` of uint8 images."""
+    embed = ClipImageFeatures(fm.clip_model, fm.clip_processor)
+    with torch.no_grad():
+        feats = torch.cat([embed(batch) for batch in images.split(batch_size)])
+    return torch.nn.functional.normalize(feats, dim=-1).cpu()
+
+
+def style_similarity(
+    real: torch.Tensor, fake: torch.Tensor, fm: FeatureModels, batch_size: int = 32
+) -> float:
+    """Mean CLIP cosine similarity over every (fake, real) pair: how close in style the sets are."""
+    fake_emb = clip_image_embeddings(fake, fm, batch_size)
+    real_emb = clip_image_embeddings(real, fm, batch_size)
+    return float((fake_emb @ real_emb.T).mean())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½) (Heusel et al. 2017), in float64.
+
+    Uses torchmetrics' own implementation (the one ``FrechetInceptionDistance`` runs), which takes
+    Tr((S1 S2)^½) as the sum of square roots of the eigenvalues of S1 S2; clean-fid uses
+    ``scipy.linalg.sqrtm``. Both give the same trace for covariance matrices.
+    """
+    from torchmetrics.image.fid import _compute_fid
+
+    return float(_compute_fid(*(_float64(a) for a in (mu1, sigma1, mu2, sigma2))))
+
+
+def kid_unbiased(feats1, feats2, subset_size: int = 1000, subsets: int = 100, seed: int = 0) -> float:
+    """Mean unbiased MMD² with the kernel (x·y / d + 1)³ over random subsets (Bińkowski et al. 2018).
+
+    torchmetrics' ``poly_mmd`` on features directly, drawn as ``KernelInceptionDistance`` draws them.
+    """
+    from torchmetrics.image.kid import poly_mmd
+
+    f1, f2 = _float64(feats1), _float64(feats2)
+    m = min(subset_size, len(f1), len(f2))
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(feats: torch.Tensor) -> torch.Tensor:
+        return feats[torch.randperm(len(feats), generator=generator)[:m]]
+
+    return float(torch.stack([poly_mmd(draw(f1), draw(f2)) for _ in range(subsets)]).mean())
+
+
+def _float64(array) -> torch.Tensor:
+    """A CPU float64 tensor from a numpy array, a tensor on any device, or nested lists."""
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().double()
+    return torch.as_tensor(np.asarray(array), dtype=torch.float64)

@@ -1,0 +1,136 @@
+"""Held-out evaluation: per-run metrics with their protocol, the sweep table, the base cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ghibli_lab.evaluate import METRIC_KEYS, evaluate
+from ghibli_lab.train import train
+
+from .conftest import compose_train
+
+EVAL_ARGS = ["eval.features=tiny", "eval.steps=2", "eval.images_per_prompt=2", "eval.kid_subset_size=1000"]
+
+
+def compose_eval(*overrides: str):
+    return compose_train(list(overrides), config_name="evaluate")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two tiny trained runs laid out as a Hydra sweep dir (as `train -m` leaves it)."""
+    root = tmp_path_factory.mktemp("sweep")
+    for i, alpha in enumerate([4, 8]):
+        cfg = compose_train(
+            [
+                "experiment=demo",
+                "logger=wandb",
+                "logger.mode=offline",
+                f"lora.alpha={alpha}",
+                "lora.rank=4",
+                "train.max_steps=3",
+                "train.val_every=3",
+                "train.checkpoint_every=0",
+                "dataset.num_images=20",
+                "scheduler.steps=2",
+                "sample.seeds=[0]",
+                f"cache_dir={root / 'cache'}",
+            ]
+        )
+        run = root / f"{i}_lora.alpha-{alpha}"
+        train(cfg, run)
+        (run / ".hydra").mkdir()
+        OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return root
+
+
+def test_every_run_gets_metrics_with_protocol_and_the_sweep_a_table(sweep):
+    results = evaluate(compose_eval(f"run_dir={sweep}", *EVAL_ARGS))
+    assert len(results) == 2
+    for run in ("0_lora.alpha-4", "1_lora.alpha-8"):
+        m = json.loads((sweep / run / "eval" / "metrics.json").read_text())
+        for side in ("lora", "base"):
+            assert set(m[side]) == set(METRIC_KEYS)
+            assert all(isinstance(m[side][k], float) for k in METRIC_KEYS)
+        p = m["protocol"]
+        summary = json.loads((sweep / run / "summary.json").read_text())
+        assert p["n_real"] == summary["n_holdout"] == 2  # the training run's own held-out split
+        # The LoRA evaluated is the one trained: its val loss reproduces the training summary's
+        # (for every run, not only the first one the pipeline saw).
+        assert m["lora"]["val_loss"] == pytest.approx(summary["val/loss"], rel=1e-5)
+        assert m["base"]["val_loss"] == pytest.approx(summary["val/loss_initial"], rel=1e-5)
+        assert m["lora"]["val_loss"] != m["base"]["val_loss"]
+        assert p["n_fake"] == 2 * p["n_real"]
+        assert p["kid_subset_size"] == 2 and p["kid_subset_clamped"] is True
+        assert "2048" in p["fid_warning"]
+        assert p["seeds"] == [0, 1] and p["scheduler"] == "ddim" and p["steps"] == 2
+        assert p["feature_models"]["image_features"]["sha256"]
+        assert {"torch", "diffusers", "torchmetrics"} <= set(p["versions"])
+        assert len(list((sweep / run / "eval" / "images" / "lora").glob("*.png"))) == p["n_fake"]
+
+    rows = list(csv.DictReader(open(sweep / "eval_table.csv")))
+    assert [r["run"] for r in rows].count("base model") == 1 and len(rows) == 3
+    kids = [float(r["kid"]) for r in rows]
+    assert kids == sorted(kids)
+    table = (sweep / "eval_table.md").read_text()
+    assert "| run | kid |" in table and "clamped to N" in table
+
+
+def test_base_images_are_generated_once_per_sweep_and_reused(sweep):
+    evaluate(compose_eval(f"run_dir={sweep}", *EVAL_ARGS))
+    base_dirs = list((sweep / "cache" / "eval_base").iterdir())
+    assert len(base_dirs) == 1  # both runs share one model, split and sampling settings
+    stamp = (base_dirs[0] / "0000.png").stat().st_mtime_ns
+    first = [json.loads((sweep / r / "eval" / "metrics.json").read_text()) for r in ("0_lora.alpha-4", "1_lora.alpha-8")]
+    assert first[0]["base"] == first[1]["base"]  # same base images, same seeded KID subsets
+    evaluate(compose_eval(f"run_dir={sweep}", *EVAL_ARGS))
+    assert (base_dirs[0] / "0000.png").stat().st_mtime_ns == stamp  # reused, not regenerated
+    # Other sampling settings are another cache entry.
+    evaluate(compose_eval(f"run_dir={sweep / '0_lora.alpha-4'}", *EVAL_ARGS, "eval.scheduler=ddpm"))
+    assert len(list((sweep / "cache" / "eval_base").iterdir())) == 2
+
+
+def test_eval_metrics_reach_the_runs_wandb_summary(sweep):
+    """The run trained with W&B offline; evaluation reopens that run id to add eval/* keys."""
+    evaluate(compose_eval(f"run_dir={sweep / '1_lora.alpha-8'}", *EVAL_ARGS))
+    run_id = json.loads((sweep / "1_lora.alpha-8" / "summary.json").read_text())["wandb"]["id"]
+    offline = list((sweep / "1_lora.alpha-8" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) >= 2  # the training run and the evaluation's resume of the same id
+
+
+def run_evaluate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ghibli_lab.evaluate", *args],
+        cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_sampling_settings_sweep_with_multirun(sweep, tmp_path):
+    run = sweep / "0_lora.alpha-4"
+    proc = run_evaluate(
+        "-m", f"run_dir={run}", "eval.features=tiny", "eval.steps=2", "eval.images_per_prompt=1",
+        "eval.scheduler=ddpm,ddim", "guidance.scale=1,7.5", cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for scheduler, scale in [("ddpm", 1), ("ddim", 7.5)]:
+        m = json.loads((run / "eval" / f"eval.scheduler-{scheduler}_guidance.scale-{scale}" / "metrics.json").read_text())
+        assert (m["protocol"]["scheduler"], m["protocol"]["guidance_scale"]) == (scheduler, scale)
+    assert (run / ".hydra" / "config.yaml").read_text().count("lora:") == 1  # training config untouched
+
+
+def test_inception_offline_and_missing_fails_with_one_clear_message(sweep, tmp_path):
+    proc = run_evaluate(
+        f"run_dir={sweep / '0_lora.alpha-4'}", "eval.features=inception", f"cache_dir={tmp_path / 'empty'}", cwd=tmp_path
+    )
+    assert proc.returncode != 0
+    assert "inception-2015-12-05.pt" in proc.stderr
+    assert str(tmp_path / "empty" / "features") in proc.stderr
+    assert "Traceback" not in proc.stderr  # one message, not a stack trace
