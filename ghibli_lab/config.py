@@ -87,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = off
     log_every: int = 10
     num_workers: int = 0
+    cache: bool = True  # shared latent/text-embedding cache (needs dataset.center_crop)
 
 
 @dataclass

@@ -263,9 +263,11 @@ def prepare_image(
     center_crop: bool,
     random_flip: bool,
     generator: torch.Generator | None = None,
+    flip: bool | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """Resize the short side to ``resolution``, crop a square, maybe flip; return the tensor and SDXL's
     size conditioning: (pixels [3,R,R] in [-1, 1], original (h, w), crop (top, left) after resizing).
+    ``flip`` forces the flip on or off (the latent cache stores both variants); None: random.
     """
     image = image if image.mode == "RGB" else image.convert("RGB")
     w, h = image.size
@@ -283,7 +285,7 @@ def prepare_image(
         left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
     crop = np.array(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
     pixels = torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1.0
-    if random_flip and float(torch.rand((), generator=generator)) < 0.5:
+    if flip if flip is not None else random_flip and float(torch.rand((), generator=generator)) < 0.5:
         pixels = pixels.flip(-1)
         # The crop now sits mirrored in the (flipped) resized image: SDXL must see that offset.
         left = new_w - left - resolution
@@ -315,11 +317,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack a list of examples into a batch; captions and keys stay lists."""
-    tensors = ("pixel_values", "original_size", "crop_top_left")
-    return {k: torch.stack([b[k] for b in batch]) for k in tensors} | {
-        k: [b[k] for b in batch] for k in ("caption", "key")
-    }
+    """Stack a list of examples into a batch: tensors stacked, captions and keys kept as lists.
+    Works for pixel examples and for cached ones (latent moments, text embeddings)."""
+    return {k: torch.stack([b[k] for b in batch]) if torch.is_tensor(batch[0][k]) else [b[k] for b in batch] for k in batch[0]}
 
 
 # Synthetic source: two styles a LoRA can visibly learn, generated offline in milliseconds.

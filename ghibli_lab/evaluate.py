@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ghibli_lab.config import register_configs
-from ghibli_lab.data import load_image, load_records, prepare_image, split_records
+from ghibli_lab.data import ImageCaptionDataset, load_image, load_records, prepare_image, split_records
 from ghibli_lab.lora import load_lora
 from ghibli_lab.metrics import FeatureUnavailable, compute_image_metrics, load_feature_models
 from ghibli_lab.pipeline import OfflineError, load_pipeline, training_scheduler
@@ -96,7 +96,8 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         lora = read_pngs(out_dir / "images" / "lora")  # metrics on exactly what is on disk (8-bit PNG)
         noise_scheduler = training_scheduler(pipe)
         # The training run's own batching, so the fixed noise and the number match its val/loss.
-        val_batches = encode_validation_set(pipe, holdout, train_cfg.dataset.resolution, train_cfg.train.batch_size)
+        val_set = ImageCaptionDataset(holdout, train_cfg.dataset.resolution, center_crop=True, random_flip=False)
+        val_batches = encode_validation_set(pipe, val_set, train_cfg.train.batch_size)
         lora_val = validation_loss(pipe, val_batches, noise_scheduler, train_cfg)
         pipe.unload_lora_weights()  # back to the base model; also clears any disabled-adapter state
         base_val = validation_loss(pipe, val_batches, noise_scheduler, train_cfg)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ghibli_lab.cache import CachedDataset, cache_plan, encode_records, fingerprint, sample_latents
 from ghibli_lab.config import check_config, register_configs
 from ghibli_lab.data import ImageCaptionDataset, collate, load_records, split_records
 from ghibli_lab.lora import adapted_models, attach_lora, save_lora
@@ -99,9 +100,26 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
             cfg.lora.rank, cfg.lora.alpha, cfg.lora.alpha / cfg.lora.rank, ", ".join(models), n_trainable,
         )
 
-        # Data.
+        # Data: latents and text embeddings from the shared content-keyed cache when it can stand
+        # in for the encoders (see cache.py); otherwise pixels and captions, encoded every step.
         ds = cfg.dataset
-        train_set = ImageCaptionDataset(train_records, ds.resolution, ds.center_crop, ds.random_flip)
+        plan = cache_plan(ds, cfg.lora) if cfg.train.cache else {"latents": False, "text": False}
+        cache_stats = {"encoded": 0, "reused": 0}
+        if plan["latents"]:
+            model_fp = fingerprint(cfg.model, weight_dtype)
+            flips = (False, True) if ds.random_flip else (False,)
+            cache_root = Path(cfg.cache_dir) / "encoded"
+            args = (pipe, train_records, ds, cache_root, model_fp, flips, plan["text"], cache_stats)
+            train_set = CachedDataset(encode_records(*args))
+            args = (pipe, holdout_records, ds, cache_root, model_fp, (False,), plan["text"], cache_stats)
+            val_set = CachedDataset(encode_records(*args))
+            # The cache is complete: the VAE and frozen text encoders leave the device until sampling.
+            offload_encoders(pipe, text=plan["text"])
+            log.info("cache: %d entries encoded, %d reused", cache_stats["encoded"], cache_stats["reused"])
+        else:
+            log.info("no latent cache (train.cache=%s, dataset.center_crop=%s)", cfg.train.cache, ds.center_crop)
+            train_set = ImageCaptionDataset(train_records, ds.resolution, ds.center_crop, ds.random_flip)
+            val_set = ImageCaptionDataset(holdout_records, ds.resolution, center_crop=True, random_flip=False)
         loader = DataLoader(
             train_set,
             batch_size=cfg.train.batch_size,
@@ -111,7 +129,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
             drop_last=len(train_set) >= cfg.train.batch_size,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        val_batches = encode_validation_set(pipe, holdout_records, ds.resolution, cfg.train.batch_size)
+        val_batches = encode_validation_set(pipe, val_set, cfg.train.batch_size)
         updates_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
         max_steps = cfg.train.max_steps or cfg.train.epochs * updates_per_epoch
         log.info("%d training / %d held-out images; %d steps", len(train_records), len(holdout_records), max_steps)
@@ -190,6 +208,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
                 "trainable_params": n_trainable,
                 "n_train": len(train_records),
                 "n_holdout": len(holdout_records),
+                "cache": {"latents": plan["latents"], "text": plan["latents"] and plan["text"], **cache_stats},
                 "wall_time_s": round(wall, 2),
                 "steps_per_s": round(step / wall, 3),
             }
@@ -232,18 +251,24 @@ def encode_text(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor |
     return torch.cat(embeds, dim=-1), (pooled if sdxl else None)
 
 
-def unet_prediction(pipe, noisy, timesteps, captions, original_size, crop_top_left, dtype) -> torch.Tensor:
-    """Run the UNet with the text (and, for SDXL, size) conditioning of ``captions``."""
-    # Frozen text encoders run without autograd (set_train_mode keeps them in eval mode); on SDXL a
-    # graph through both frozen encoders makes the second backward fail (stack-facts).
-    with torch.set_grad_enabled(pipe.text_encoder.training and torch.is_grad_enabled()):
-        embeds, pooled = encode_text(pipe, captions)
+def unet_prediction(pipe, noisy, timesteps, batch: dict, dtype) -> torch.Tensor:
+    """Run the UNet with the batch's text (and, for SDXL, size) conditioning: cached embeddings
+    when the batch carries them, else the captions through the text encoder(s)."""
+    if "prompt_embeds" in batch:
+        embeds, pooled = batch["prompt_embeds"].to(noisy.device), batch.get("pooled_prompt_embeds")
+        pooled = pooled.to(noisy.device) if pooled is not None else None
+    else:
+        # Frozen text encoders run without autograd (set_train_mode keeps them in eval mode); on
+        # SDXL a graph through both frozen encoders makes the second backward fail (stack-facts).
+        with torch.set_grad_enabled(pipe.text_encoder.training and torch.is_grad_enabled()):
+            embeds, pooled = encode_text(pipe, batch["caption"])
     kwargs = {}
     if pooled is not None:
         # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop, target size.
         res = noisy.shape[-1] * pipe.vae_scale_factor
-        target = torch.tensor([res, res], device=noisy.device).expand(len(captions), 2)
-        time_ids = torch.cat([original_size.to(noisy.device), crop_top_left.to(noisy.device), target], dim=1)
+        n = noisy.shape[0]
+        target = torch.tensor([res, res], device=noisy.device).expand(n, 2)
+        time_ids = torch.cat([batch["original_size"].to(noisy.device), batch["crop_top_left"].to(noisy.device), target], dim=1)
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
     return pipe.unet(noisy, timesteps, encoder_hidden_states=embeds.to(dtype), **kwargs).sample
 
@@ -255,25 +280,57 @@ def encode_latents(pipe, pixels: torch.Tensor, sample: bool = True) -> torch.Ten
     return latents * pipe.vae.config.scaling_factor
 
 
+def batch_latents(pipe, batch: dict, sample: bool = True) -> torch.Tensor:
+    """Scaled latents of a batch: from cached posterior moments, or by encoding its pixels."""
+    if "latent_moments" in batch:
+        moments = batch["latent_moments"].to(pipe.unet.device)
+        return sample_latents(moments, pipe.vae.config.scaling_factor, sample)
+    return encode_latents(pipe, batch["pixel_values"], sample).to(pipe.unet.device)
+
+
 def training_loss(pipe, batch: dict, noise_scheduler, dtype: torch.dtype, cfg: DictConfig) -> torch.Tensor:
     """Per-sample loss of one batch at random timesteps: noise or v-prediction MSE, optionally
     min-SNR-γ weighted, with optional offset noise."""
-    latents = encode_latents(pipe, batch["pixel_values"]).to(dtype)
+    latents = batch_latents(pipe, batch).to(dtype)
     noise = sample_noise(latents, cfg.train.noise_offset)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet_prediction(pipe, noisy, timesteps, batch["caption"], batch["original_size"], batch["crop_top_left"], dtype)
+    pred = unet_prediction(pipe, noisy, timesteps, batch, dtype)
     return diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, cfg.train.snr_gamma)
 
 
-def encode_validation_set(pipe, records, resolution: int, batch_size: int) -> list[dict]:
-    """Held-out images as latents (VAE mean, center crop, no flip), encoded once per run."""
-    dataset = ImageCaptionDataset(records, resolution, center_crop=True, random_flip=False)
+def encode_validation_set(pipe, dataset, batch_size: int) -> list[dict]:
+    """Held-out examples (center crop, no flip; pixels or cache entries) as fixed latents (the
+    posterior mean), encoded once per run."""
     batches = []
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        batch["latents"] = encode_latents(pipe, batch.pop("pixel_values"), sample=False)
+        batch["latents"] = batch_latents(pipe, batch, sample=False)
+        batch.pop("pixel_values", None)
+        batch.pop("latent_moments", None)
         batches.append(batch)
     return batches
+
+
+def offload_encoders(pipe, text: bool) -> None:
+    """Move the VAE (and the frozen text encoders when their outputs are cached) off the device."""
+    for name in ("vae", *(("text_encoder", "text_encoder_2") if text else ())):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to("cpu")
+
+
+@contextmanager
+def encoders_on(pipe, device: torch.device):
+    """Every component on ``device`` inside the block (for sampling); previous devices restored."""
+    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    devices = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, d in zip(modules, devices):
+            m.to(d)
 
 
 @torch.no_grad()
@@ -297,9 +354,7 @@ def validation_loss(pipe, val_batches: list[dict], noise_scheduler, cfg: DictCon
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
                 timesteps = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                pred = unet_prediction(
-                    pipe, noisy, timesteps, batch["caption"], batch["original_size"], batch["crop_top_left"], unet.dtype
-                )
+                pred = unet_prediction(pipe, noisy, timesteps, batch, unet.dtype)
                 loss = diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, snr_gamma=None)
                 total += loss.sum().item()
                 count += loss.numel()
@@ -332,7 +387,7 @@ def write_samples(pipe, cfg: DictConfig, path: Path, dtype: torch.dtype) -> Path
     # Half-precision frozen weights with fp32 LoRA weights need autocast, as in training.
     autocast = torch.autocast(pipe.device.type, dtype=dtype, enabled=dtype != torch.float32)
     # Sampling must not shift the training RNG either.
-    with eval_mode(pipe), torch.random.fork_rng(devices=[]), autocast:
+    with eval_mode(pipe), encoders_on(pipe, pipe.unet.device), torch.random.fork_rng(devices=[]), autocast:
         return save_samples(
             pipe,
             path,

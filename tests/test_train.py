@@ -66,7 +66,7 @@ def test_overfitting_one_batch_lowers_fixed_timestep_loss(tiny_cfg, tmp_path):
     params = attach_lora(pipe, cfg.lora)
     scheduler = training_scheduler(pipe)
     records = load_records(cfg.dataset, cfg.cache_dir)[:4]
-    fixed = encode_validation_set(pipe, records, cfg.dataset.resolution, batch_size=4)
+    fixed = encode_validation_set(pipe, ImageCaptionDataset(records, cfg.dataset.resolution, True, False), batch_size=4)
     train_batch = collate([ImageCaptionDataset(records, cfg.dataset.resolution, True, False)[i] for i in range(4)])
     before = validation_loss(pipe, fixed, scheduler, cfg)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
@@ -181,6 +181,10 @@ def test_multirun_grid_makes_one_complete_run_dir_per_job(tmp_path):
         kohya = load_file(run / "lora" / "lora_kohya.safetensors")
         assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {float(alpha)}
         assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
+    # The sweep shares one latent/text cache: the first job encodes, the others only reuse.
+    caches = [json.loads((run / "summary.json").read_text())["cache"] for run in runs]
+    assert caches[0]["encoded"] > 0 and caches[0]["reused"] < caches[0]["encoded"]
+    assert all(c["encoded"] == 0 and c["reused"] == caches[0]["encoded"] + caches[0]["reused"] for c in caches[1:])
 
 
 def test_cli_bad_inputs_fail_with_clear_messages(tmp_path):

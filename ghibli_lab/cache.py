@@ -1,0 +1,158 @@
+"""A disk cache of VAE latents and text-encoder outputs, shared by every run of a sweep.
+
+Entries are keyed by content: the image bytes' hash, the model (and VAE) identity, resolution,
+crop and flip for latents; the caption and the model for text. Never by dataloader step: a
+step-keyed cache under shuffling pairs latents with the wrong captions (a live bug class in the
+diffusers examples). Any change to a part of a key is simply another entry. Each entry is one
+safetensors file written to a temp name and renamed, so concurrent jobs never see half a file.
+
+Latents are stored as the VAE posterior's moments (mean and log-variance), not as one sample, so
+training draws a fresh latent sample every step exactly as the uncached path does.
+
+Caching needs a deterministic crop: with ``dataset.center_crop=false`` (random crops) images are
+encoded every step instead. Random flips are cached as both variants, one picked per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ghibli_lab.data import Record, load_image, prepare_image
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when what is stored (or how it is computed) changes
+
+
+def fingerprint(model_cfg: DictConfig, dtype: torch.dtype) -> dict:
+    """What the encoders' outputs depend on, besides the inputs."""
+    return {"v": CACHE_VERSION, **OmegaConf.to_container(model_cfg, resolve=True), "dtype": str(dtype)}
+
+
+def entry_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cache_plan(ds_cfg: DictConfig, lora_cfg: DictConfig) -> dict:
+    """Which encoders the cache can stand in for, and why not when it can't."""
+    return {
+        "latents": bool(ds_cfg.center_crop),
+        "text": not lora_cfg.text_encoder,  # a trained text encoder changes its own outputs
+    }
+
+
+def encode_records(
+    pipe: DiffusionPipeline,
+    records: list[Record],
+    ds_cfg: DictConfig,
+    cache_root: Path,
+    model_fp: dict,
+    flips: tuple[bool, ...],
+    text: bool,
+    stats: dict,
+) -> list[dict]:
+    """Make sure every record's latents (per flip variant) and, if ``text``, caption embeddings are
+    cached; return one dict of entry paths and size conditioning per record. ``stats`` counts
+    ``encoded`` and ``reused`` entries."""
+    latents_dir, text_dir = cache_root / "latents", cache_root / "text"
+    latents_dir.mkdir(parents=True, exist_ok=True)
+    text_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for record in tqdm(records, desc="cache", leave=False, disable=len(records) < 32):
+        entry = {"latents": [], "text": None}
+        for flip in flips:
+            key = entry_key(model=model_fp, image=record.key, res=ds_cfg.resolution, crop="center", flip=flip)
+            path = latents_dir / f"{key}.safetensors"
+            if not _readable(path):
+                pixels, original_size, crop = prepare_image(load_image(record), ds_cfg.resolution, True, False, flip=flip)
+                with torch.no_grad():
+                    moments = pipe.vae.encode(pixels[None].to(pipe.vae.device, pipe.vae.dtype)).latent_dist.parameters
+                _atomic_save(
+                    path,
+                    {
+                        "latent_moments": moments[0].float().cpu(),
+                        "original_size": torch.tensor(original_size),
+                        "crop_top_left": torch.tensor(crop),
+                    },
+                )
+                stats["encoded"] += 1
+            else:
+                stats["reused"] += 1
+            entry["latents"].append(path)
+        if text:
+            key = entry_key(model=model_fp, caption=record.caption)
+            path = text_dir / f"{key}.safetensors"
+            if not _readable(path):
+                from ghibli_lab.train import encode_text  # the trainer's own encoding, not a copy
+
+                with torch.no_grad():
+                    embeds, pooled = encode_text(pipe, [record.caption])
+                tensors = {"prompt_embeds": embeds[0].float().cpu()}
+                if pooled is not None:
+                    tensors["pooled_prompt_embeds"] = pooled[0].float().cpu()
+                _atomic_save(path, tensors)
+                stats["encoded"] += 1
+            else:
+                stats["reused"] += 1
+            entry["text"] = path
+        entry["caption"] = record.caption
+        entry["key"] = record.key
+        entries.append(entry)
+    return entries
+
+
+class CachedDataset(Dataset):
+    """Training samples from the cache: latent moments (a random flip variant), size
+    conditioning, and the caption's embeddings when cached (else the caption)."""
+
+    def __init__(self, entries: list[dict]):
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        entry = self.entries[i]
+        variants = entry["latents"]
+        pick = int(torch.randint(len(variants), ())) if len(variants) > 1 else 0
+        item = load_file(variants[pick])
+        item["caption"] = entry["caption"]
+        item["key"] = entry["key"]
+        if entry["text"] is not None:
+            item.update(load_file(entry["text"]))
+        return item
+
+
+def sample_latents(moments: torch.Tensor, scaling_factor: float, sample: bool = True) -> torch.Tensor:
+    """Scaled latents from cached posterior moments: a fresh sample, or the mean."""
+    dist = DiagonalGaussianDistribution(moments)
+    return (dist.sample() if sample else dist.mode()) * scaling_factor
+
+
+def _readable(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:  # a file damaged by something else (a full disk, a bad copy) is re-encoded, not trusted
+        with safe_open(path, "pt") as f:
+            return bool(list(f.keys()))
+    except Exception:
+        log.warning("cache entry %s is unreadable; re-encoding it", path)
+        return False
+
+
+def _atomic_save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
