@@ -7,7 +7,7 @@ ARGS ?=
 RUN ?= outputs/latest
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test train sweep eval clean
+.PHONY: help install demo test train sweep eval report generate clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -20,10 +20,12 @@ $(VENV): pyproject.toml
 
 install: $(VENV) ## create .venv and install the project (done by every target on first use)
 
-demo: $(VENV) ## 2x2 rank x alpha sweep on tiny SDXL + generated data, then its evaluation: offline, CPU, ~2 min
+demo: $(VENV) ## 2x2 rank x alpha sweep on tiny SDXL + generated data, its evaluation and report: offline, CPU, ~2-3 min
 	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.train -m experiment=demo lora.rank=4,8 lora.alpha=4,8 $(ARGS)
 	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.evaluate run_dir=outputs/latest eval.steps=4
+	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.report sweep_dir=outputs/latest
 	@echo; echo "Results: outputs/latest -> $$(readlink outputs/latest)"; \
+	  echo "  report/index.html: eval table, heatmaps, val-loss curves, base-vs-LoRA grids (open in a browser)"; \
 	  echo "  eval_table.md: the runs and the base model, by held-out KID"; \
 	  echo "  each run: lora/ (diffusers + kohya files), eval/metrics.json, samples/final.png, metrics.jsonl"
 
@@ -38,6 +40,12 @@ sweep: $(VENV) ## the 12-run rank x alpha grid of the seed study (SDXL, Ghibli-1
 
 eval: $(VENV) ## held-out KID/FID/CLIP/val-loss of outputs/latest (RUN=<run or sweep dir>, ARGS="eval.steps=50")
 	$(PY) -m ghibli_lab.evaluate run_dir=$(RUN) $(ARGS)
+
+report: $(VENV) ## HTML report of a sweep: eval table, heatmaps, val-loss curves, grids (RUN=<sweep dir>)
+	$(PY) -m ghibli_lab.report sweep_dir=$(RUN) $(ARGS)
+
+generate: $(VENV) ## base-vs-LoRA grids: make generate ARGS='prompt="a castle" loras=[outputs/latest/0_lora.alpha-4_lora.rank-4]'
+	$(PY) -m ghibli_lab.generate $(ARGS)
 
 clean: ## remove outputs/ and caches (keeps .venv)
 	rm -rf outputs .cache .pytest_cache

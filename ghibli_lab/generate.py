@@ -1,0 +1,267 @@
+"""Images from trained LoRAs:  python -m ghibli_lab.generate prompt="..." loras=[<run dir>, <file>]
+
+Writes into ``output_dir``:
+
+- ``grid.png``: one column per prompt, a base-model row on top and one row per LoRA, every image
+  from the same seed; ``grid.json`` beside it names the rows and columns and the settings;
+- with ``blend=[a, b]``: ``blend.png`` (+ ``.json``), one row per prompt and one column per weight
+  w of ``blend_weights``, adapter a at weight 1 - w and b at w, so w = 0 is a alone and w = 1 is b.
+
+A LoRA is a run dir, a run's ``lora/`` dir, a diffusers ``.safetensors`` or a kohya
+``.safetensors`` file. ``run=<run dir>`` takes the model (and, unless set, the resolution and
+caption prefix) from that run's ``.hydra/config.yaml``.
+
+The LoRA list is ``loras``, not ``lora``: ``conf/`` has a ``lora/`` config group, and Hydra reads
+``lora=[...]`` as a choice from that group ("Could not override 'lora'. No match in the defaults
+list"). For the same reason the sampler is the ``scheduler`` group, as in training:
+``scheduler=ddpm scheduler.steps=30``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from PIL import Image
+
+from ghibli_lab.config import ModelConfig, SchedulerConfig
+from ghibli_lab.lora import DIFFUSERS_FILE, load_lora
+from ghibli_lab.pipeline import SAMPLERS, OfflineError, load_pipeline
+from ghibli_lab.sampling import generate as sample
+from ghibli_lab.sampling import image_grid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESOLUTION = {"tiny": 64, "sdxl": 1024, "sd15": 512}
+
+
+class InputError(ValueError):
+    """Bad input (no prompt, a missing LoRA file, ...): reported as one message, no traceback."""
+
+
+@dataclass
+class GenerateConfig:
+    """Schema of ``conf/generate.yaml``."""
+
+    model: ModelConfig = MISSING
+    scheduler: SchedulerConfig = MISSING  # the sampler and its steps
+    run: Optional[str] = None
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None
+    loras: list[str] = field(default_factory=list)
+    lora_scale: float = 1.0
+    guidance_scale: float = 7.5
+    seed: int = 0
+    resolution: Optional[int] = None
+    caption_prefix: Optional[str] = None
+    blend: list[str] = field(default_factory=list)
+    blend_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    output_dir: str = MISSING
+
+
+ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+
+
+@dataclass
+class LoraSource:
+    spec: str  # as given
+    file: Path  # the .safetensors file to load
+    run_dir: Optional[Path]  # the training run it came from, if any
+    name: str
+
+
+def generate(cfg: DictConfig) -> dict[str, Path]:
+    """Write ``grid.png`` (+ ``grid.json``) and, with ``blend``, ``blend.png`` (+ ``.json``) into
+    ``cfg.output_dir``. Returns their paths by name. Bad input raises ``InputError`` before any
+    model loads."""
+    prompts = read_prompts(cfg.prompt, cfg.prompts_file)
+    run_cfg = load_run_config(cfg.run) if cfg.run else None
+    model_cfg = run_cfg.model if run_cfg is not None else cfg.model
+    loras = [resolve_lora(spec) for spec in cfg.loras] or ([resolve_lora(cfg.run)] if cfg.run else [])
+    blend = [resolve_lora(spec) for spec in cfg.blend]
+    if blend and len(blend) != 2:
+        raise InputError(f"blend takes exactly two LoRAs, got {len(blend)}: {list(cfg.blend)}")
+    if blend and not cfg.blend_weights:
+        raise InputError("blend_weights is empty: give e.g. blend_weights=[0,0.5,1]")
+    for source in loras + blend:
+        check_family(source, model_cfg)
+    if cfg.scheduler.name not in SAMPLERS:
+        raise InputError(f"scheduler.name={cfg.scheduler.name!r} is not one of {', '.join(SAMPLERS)}")
+    if cfg.scheduler.steps < 1:
+        raise InputError(f"scheduler.steps must be >= 1, got {cfg.scheduler.steps}")
+    if cfg.resolution is not None:
+        resolution = cfg.resolution
+    elif run_cfg is not None:
+        resolution = run_cfg.dataset.resolution
+    else:
+        resolution = DEFAULT_RESOLUTION["tiny" if model_cfg.pretrained == "tiny" else model_cfg.family]
+    if resolution <= 0 or resolution % 8:
+        raise InputError(f"resolution must be a positive multiple of 8, got {resolution}")
+    prefix = cfg.caption_prefix
+    if prefix is None:
+        prefix = run_cfg.dataset.caption_prefix if run_cfg is not None else ""
+    full_prompts = [prefix + p for p in prompts]
+    settings = dict(
+        scheduler=cfg.scheduler.name, steps=cfg.scheduler.steps, guidance_scale=float(cfg.guidance_scale), resolution=resolution
+    )
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    pipe = load_pipeline(model_cfg).to("cuda" if torch.cuda.is_available() else "cpu")
+    adapters: dict[Path, str] = {}  # one adapter per distinct file, shared by the grid and the blend
+    for source in loras + blend:
+        if source.file not in adapters:
+            adapters[source.file] = f"lora_{len(adapters)}"
+            load_adapter(pipe, source, adapters[source.file], model_cfg)
+
+    # The grid: base row, then each LoRA alone at lora_scale.
+    if adapters:
+        pipe.disable_lora()
+    rows = [sample(pipe, full_prompts, [cfg.seed], **settings)]
+    if adapters:
+        pipe.enable_lora()
+    for source in loras:
+        pipe.set_adapters([adapters[source.file]], [cfg.lora_scale])
+        rows.append(sample(pipe, full_prompts, [cfg.seed], **settings))
+    labels = ["base", *(f"LoRA {i + 1}" for i in range(len(loras)))]
+    paths = {"grid": out_dir / "grid.png"}
+    grid = image_grid(rows, labels=labels)
+    grid.save(paths["grid"])
+    tile_w, tile_h = rows[0][0].size
+    meta = {
+        "rows": [{"label": "base", "lora": None}]
+        + [{"label": f"LoRA {i + 1}", "name": s.name, "lora": str(s.file), "scale": cfg.lora_scale} for i, s in enumerate(loras)],
+        "columns": [{"prompt": p, "seed": cfg.seed} for p in full_prompts],
+        "model": OmegaConf.to_container(model_cfg),
+        "tile": [tile_w, tile_h],
+        "label_width": grid.width - tile_w * len(full_prompts),  # image_grid's label strip, left
+        **settings,
+    }
+    paths["grid_json"] = write_json(out_dir / "grid.json", meta)
+
+    # The blend: one row per prompt, one column per weight; weights [1 - w, w] on [a, b].
+    if blend:
+        a, b = (adapters[s.file] for s in blend)
+        columns = []
+        for w in cfg.blend_weights:
+            pipe.set_adapters([a, b], [(1 - w) * cfg.lora_scale, w * cfg.lora_scale])
+            columns.append(sample(pipe, full_prompts, [cfg.seed], **settings))
+        strips = [[column[i] for column in columns] for i in range(len(full_prompts))]
+        paths["blend"] = out_dir / "blend.png"
+        strip = image_grid(strips, labels=[f"prompt {i + 1}" for i in range(len(strips))])
+        strip.save(paths["blend"])
+        blend_meta = {
+            "a": {"name": blend[0].name, "lora": str(blend[0].file)},
+            "b": {"name": blend[1].name, "lora": str(blend[1].file)},
+            "rows": [{"label": f"prompt {i + 1}", "prompt": p, "seed": cfg.seed} for i, p in enumerate(full_prompts)],
+            "columns": [{"weight_a": (1 - w) * cfg.lora_scale, "weight_b": w * cfg.lora_scale, "w": w} for w in cfg.blend_weights],
+            "model": OmegaConf.to_container(model_cfg),
+            "tile": [tile_w, tile_h],
+            "label_width": strip.width - tile_w * len(cfg.blend_weights),
+            **settings,
+        }
+        paths["blend_json"] = write_json(out_dir / "blend.json", blend_meta)
+    for name, path in paths.items():
+        log.info("%s: %s", name, path)
+    return paths
+
+
+def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str]:
+    prompts = [prompt] if prompt else []
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise InputError(f"prompts_file={prompts_file}: no such file")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise InputError("no prompt: give prompt=\"a castle in the clouds\" or prompts_file=<file, one prompt per line>")
+    return prompts
+
+
+def load_run_config(run: str) -> DictConfig:
+    path = Path(run) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise InputError(f"run={run}: not a training run dir (no .hydra/config.yaml)")
+    return OmegaConf.load(path)
+
+
+def resolve_lora(spec: str) -> LoraSource:
+    """A run dir, its ``lora/`` dir, or a file -> the file to load, and the run it belongs to."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "lora").is_dir():
+        path = path / "lora"
+    if path.is_dir():
+        path = path / DIFFUSERS_FILE
+    if not path.is_file():
+        raise InputError(
+            f"LoRA {spec!r}: no LoRA file at {path} (give a run dir, its lora/ dir, "
+            "a diffusers .safetensors or a kohya .safetensors file)"
+        )
+    run = path.parent.parent
+    run_dir = run if path.parent.name == "lora" and (run / ".hydra" / "config.yaml").is_file() else None
+    if run_dir is not None:
+        name = run_dir.name if path.name == DIFFUSERS_FILE else f"{run_dir.name}/{path.name}"
+    else:
+        name = path.stem
+    return LoraSource(spec, path.resolve(), run_dir, name)
+
+
+def check_family(source: LoraSource, model_cfg: DictConfig) -> None:
+    """A LoRA from one of our runs must meet a model of the family it was trained on."""
+    if source.run_dir is None:
+        return
+    trained = OmegaConf.load(source.run_dir / ".hydra" / "config.yaml").model
+    if trained.family != model_cfg.family:
+        raise InputError(
+            f"LoRA {source.spec!r} was trained on {trained.family} ({trained.pretrained}) but the model is "
+            f"{model_cfg.family} ({model_cfg.pretrained}): pass run={source.run_dir} or model=..."
+        )
+    if trained.pretrained != model_cfg.pretrained:
+        log.warning("LoRA %s was trained on %s, applying it to %s", source.name, trained.pretrained, model_cfg.pretrained)
+
+
+def load_adapter(pipe, source: LoraSource, adapter: str, model_cfg: DictConfig) -> None:
+    try:
+        with warnings.catch_warnings():  # a second adapter in one model is the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            load_lora(pipe, source.file, adapter_name=adapter)
+    except (ValueError, KeyError, RuntimeError) as err:  # keys or shapes that don't fit this model
+        raise InputError(
+            f"LoRA {source.spec!r} does not fit the {model_cfg.family} model {model_cfg.pretrained!r}: {err}"
+        ) from err
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def grid_tile(path: Path, row: int, column: int) -> Image.Image:
+    """One image back out of a ``grid.png`` / ``blend.png`` written here (via its JSON)."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    w, h = meta["tile"]
+    x = meta["label_width"] + column * w
+    return Image.open(path).convert("RGB").crop((x, row * h, x + w, (row + 1) * h))
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        paths = generate(cfg)
+    except (InputError, OfflineError) as err:  # expected failures: the message, not a stack trace
+        raise SystemExit(f"ghibli_lab.generate: {err}") from None
+    for name in ("grid", "blend"):
+        if name in paths:
+            print(f"{name}: {paths[name]}")
+
+
+if __name__ == "__main__":
+    main()
