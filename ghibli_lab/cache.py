@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ghibli_lab.data import Record, load_image, prepare_image
+from ghibli_lab.data import Record, load_image, prepare_image, sample_seed
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when what is stored (or how it is computed) changes
@@ -115,10 +115,17 @@ def encode_records(
 
 class CachedDataset(Dataset):
     """Training samples from the cache: latent moments (a random flip variant), size
-    conditioning, and the caption's embeddings when cached (else the caption)."""
+    conditioning, and the caption's embeddings when cached (else the caption).
 
-    def __init__(self, entries: list[dict]):
+    The flip is drawn from a generator keyed by (seed, epoch, index), as in ImageCaptionDataset.
+    """
+
+    def __init__(self, entries: list[dict], seed: int = 0):
         self.entries = entries
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -126,7 +133,8 @@ class CachedDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         entry = self.entries[i]
         variants = entry["latents"]
-        pick = int(torch.randint(len(variants), ())) if len(variants) > 1 else 0
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
+        pick = int(torch.randint(len(variants), (), generator=generator)) if len(variants) > 1 else 0
         item = load_file(variants[pick])
         item["caption"] = entry["caption"]
         item["key"] = entry["key"]

@@ -79,12 +79,17 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet (first steps are slow while it compiles)
+    channels_last: bool = False  # UNet convolutions in channels_last memory format
     snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting; 5.0 is the paper's value
     noise_offset: float = 0.0
     val_every: int = 100  # 0 = off
     val_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     sample_every: int = 0  # 0 = off; samples are always written at the end
     checkpoint_every: int = 0  # 0 = off
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    resume: Optional[str] = None  # null | auto (newest checkpoint in this run dir) | a checkpoint dir
+    nonfinite: str = "stop"  # non-finite loss: stop (naming the batch's files) | skip the batch
     log_every: int = 10
     num_workers: int = 0
     cache: bool = True  # shared latent/text-embedding cache (needs dataset.center_crop)
@@ -179,6 +184,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "scheduler.name": ("ddpm", "ddim"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "logger.name": ("wandb", "none"),
+    "train.nonfinite": ("stop", "skip"),
     "logger.mode": (None, "online", "offline", "disabled"),
 }
 
@@ -220,6 +226,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("val_every", "sample_every", "checkpoint_every", "warmup_steps", "noise_offset"):
         if t[key] < 0:
             errors.append(f"train.{key} must be >= 0, got {t[key]}")
+    if t.keep_checkpoints < 1:
+        errors.append(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     if t.log_every < 1:
         errors.append(f"train.log_every must be >= 1, got {t.log_every}")
     if cfg.scheduler.steps < 1:

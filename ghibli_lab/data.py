@@ -3,7 +3,9 @@
 Three sources fill the same ``Record`` list: a local folder, a Hugging Face dataset (hub id or a
 local copy), and a generated "synthetic" set of two visually distinct styles that needs no
 download. Records are keyed by the SHA-256 of the image bytes, so the split (and any cache built
-on it) follows image content, not file names or row order.
+on it) follows image content, not file names or row order. ``preflight`` decodes every record
+before training and drops (never deletes or edits) the files that can't be used; the trainer writes
+its report to ``data_report.json``.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ class Record:
     caption: str  # final caption, prefix included
     path: str | None = None  # file on disk, or None when the bytes are held in `data`
     data: bytes | None = None  # encoded image bytes (hub rows)
+    captioned: bool = True  # False: the image had no (or an empty) caption; dataset.default_caption stood in
 
 
 def load_records(ds_cfg: DictConfig, cache_dir: str | Path) -> list[Record]:
@@ -59,9 +64,10 @@ def load_records(ds_cfg: DictConfig, cache_dir: str | Path) -> list[Record]:
     raise ValueError(f"dataset.source={ds_cfg.source!r} is not one of 'hub', 'folder', 'synthetic'")
 
 
-def _caption(raw: Any, ds_cfg: DictConfig) -> str:
+def _caption(raw: Any, ds_cfg: DictConfig) -> tuple[str, bool]:
+    """(final caption, whether the image had a caption of its own rather than the default)."""
     text = "" if raw is None else str(raw).strip()
-    return ds_cfg.caption_prefix + (text or ds_cfg.default_caption)
+    return ds_cfg.caption_prefix + (text or ds_cfg.default_caption), bool(text)
 
 
 def _sha256(data: bytes) -> str:
@@ -107,7 +113,8 @@ def _folder_records(root: Path, ds_cfg: DictConfig) -> list[Record]:
         txt = image.with_suffix(".txt")
         raw = _read_text(txt) if txt.is_file() else metadata.get(image.relative_to(root).as_posix())
         key = _sha256(image.read_bytes())
-        records.append(Record(key, str(image), _caption(raw, ds_cfg), path=str(image)))
+        caption, captioned = _caption(raw, ds_cfg)
+        records.append(Record(key, str(image), caption, path=str(image), captioned=captioned))
     return records
 
 
@@ -186,12 +193,14 @@ def _hub_records(ds_cfg: DictConfig) -> list[Record]:
     ds = ds.cast_column(image_col, datasets.Image(decode=False))
     records, skipped = [], 0
     for i, row in enumerate(ds):
-        image, caption, row_name = row[image_col] or {}, _caption(row[caption_col], ds_cfg), f"{name}#{i}"
+        image, row_name = row[image_col] or {}, f"{name}#{i}"
+        caption, captioned = _caption(row[caption_col], ds_cfg)
         if image.get("bytes"):
-            records.append(Record(_sha256(image["bytes"]), row_name, caption, data=image["bytes"]))
+            data = image["bytes"]
+            records.append(Record(_sha256(data), row_name, caption, data=data, captioned=captioned))
         elif image.get("path") and Path(image["path"]).is_file():  # e.g. imagefolder rows point at files
             data = Path(image["path"]).read_bytes()
-            records.append(Record(_sha256(data), row_name, caption, path=image["path"]))
+            records.append(Record(_sha256(data), row_name, caption, path=image["path"], captioned=captioned))
         else:
             skipped += 1
     if skipped:
@@ -238,11 +247,17 @@ def split_records(records: list[Record], holdout_fraction: float) -> tuple[list[
 def load_image(record: Record) -> Image.Image:
     """Decode a record to an 8-bit RGB image, upright per its EXIF orientation."""
     try:
-        with Image.open(record.path if record.path is not None else io.BytesIO(record.data)) as im:
-            im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
+        return _decode(record)[0]
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot decode image {record.name}: {e}") from e
+
+
+def _decode(record: Record) -> tuple[Image.Image, str]:
+    """(upright 8-bit RGB image, the mode it was stored in). Fully decodes, so truncation raises
+    (unless PIL's ImageFile.LOAD_TRUNCATED_IMAGES was switched on; ``preflight`` switches it off)."""
+    with Image.open(record.path if record.path is not None else io.BytesIO(record.data or b"")) as im:
+        im.load()
+        return _to_rgb(ImageOps.exif_transpose(im)), im.mode
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -292,20 +307,32 @@ def prepare_image(
     return pixels.contiguous(), (h, w), (top, left)
 
 
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Records -> training examples. Crop/flip use torch's global RNG, so a seeded run repeats them."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A per-sample, per-epoch seed for augmentation (crop, flip) that doesn't depend on the order
+    samples are fetched in: loaders fetch ahead of the training step, so draws from the global RNG
+    would land on different sides of a checkpoint and a resumed run would augment differently."""
+    return (seed * 1_000_003 + epoch) * 1_000_003 + index
 
-    def __init__(self, records: list[Record], resolution: int, center_crop: bool, random_flip: bool):
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Records -> training examples; crops and flips keyed by (seed, epoch, index)."""
+
+    def __init__(self, records: list[Record], resolution: int, center_crop: bool, random_flip: bool, seed: int = 0):
         self.records = list(records)
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
         pixels, original, crop = prepare_image(
-            load_image(record), self.resolution, self.center_crop, self.random_flip
+            load_image(record), self.resolution, self.center_crop, self.random_flip, generator=generator
         )
         return {
             "pixel_values": pixels,
@@ -320,6 +347,203 @@ def collate(batch: list[dict]) -> dict:
     """Stack a list of examples into a batch: tensors stacked, captions and keys kept as lists.
     Works for pixel examples and for cached ones (latent moments, text embeddings)."""
     return {k: torch.stack([b[k] for b in batch]) if torch.is_tensor(batch[0][k]) else [b[k] for b in batch] for k in batch[0]}
+
+
+# Preflight: decode everything once before training, so a bad file costs a line in a report rather
+# than a crash hours into a run.
+
+SMALL_POLICY = "kept; upscaled to the training resolution by the normal resize"
+DECODE_THREADS = 8  # Pillow's decoders release the GIL, so threads decode in parallel
+
+
+class PreflightError(ValueError):
+    """Too few usable images. ``report`` is the preflight report, for data_report.json."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+def preflight(records: list[Record], resolution: int, min_images: int = 2) -> tuple[list[Record], dict]:
+    """Fully decode every record exactly as training will; return (usable records, report).
+
+    Nothing on disk is deleted or modified. The usable records keep the input order. Policies:
+
+    - Files that can't be decoded (truncated, corrupt, not an image, empty, unreadable, or over
+      PIL's decompression-bomb pixel limit) are skipped and listed under ``skipped`` with a reason.
+      Truncation is always detected: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is held False here.
+    - Images stored in another mode (CMYK, alpha, 16-bit, palette, ...) are kept and converted to
+      8-bit RGB by ``load_image``; they are listed under ``converted`` with their stored mode.
+    - Images whose short side is below ``resolution`` are kept and upscaled by the normal resize;
+      they are listed under ``small`` (size upright, [w, h]) and the policy is stated in the report.
+    - ``default_caption_used`` counts usable records without a caption of their own
+      (``dataset.default_caption`` stood in); ``empty_captions`` those whose final caption is empty.
+
+    Report: {"n_total", "n_usable", "resolution", "skipped": [{"name", "key", "reason"}],
+    "converted": [{"name", "mode"}], "small": [{"name", "size"}], "small_policy",
+    "default_caption_used", "empty_captions"}. Caption length needs a tokenizer: see
+    ``caption_length_report``.
+
+    Raises PreflightError (a ValueError carrying ``.report``) when fewer than ``min_images``
+    records are usable.
+    """
+    with _strict_decoding():
+        results = _decode_all(records)
+    usable, skipped, converted, small = [], [], [], []
+    for record, (reason, mode, size) in zip(records, results):
+        if reason is not None:
+            skipped.append({"name": record.name, "key": record.key, "reason": reason})
+            continue
+        usable.append(record)
+        if mode != "RGB":
+            converted.append({"name": record.name, "mode": mode})
+        if min(size) < resolution:
+            small.append({"name": record.name, "size": list(size)})
+    report = {
+        "n_total": len(records),
+        "n_usable": len(usable),
+        "resolution": resolution,
+        "skipped": skipped,
+        "converted": converted,
+        "small": small,
+        "small_policy": SMALL_POLICY,
+        "default_caption_used": sum(not r.captioned for r in usable),
+        "empty_captions": sum(not r.caption.strip() for r in usable),
+    }
+    _log_report(report)
+    if len(usable) < min_images:
+        listed = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        why = f"see the skipped list: {listed}{more}" if skipped else "no file was skipped; add more images"
+        raise PreflightError(
+            f"only {len(usable)} usable images of {len(records)} (need at least {min_images}); {why}", report
+        )
+    return usable, report
+
+
+@contextmanager
+def _strict_decoding() -> Iterator[None]:
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    if previous:
+        log.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES is on (set by some library); preflight turns it "
+                    "off while it checks, so truncated files are still found")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _decode_all(records: list[Record]) -> list[tuple[str | None, str, tuple[int, int]]]:
+    """(skip reason or None, stored mode, upright (w, h)) per record; identical bytes decode once."""
+    first: dict[str, Record] = {}
+    for r in records:
+        first.setdefault(r.key, r)
+    unique = list(first.values())
+    workers = max(1, min(DECODE_THREADS, os.cpu_count() or 1, len(unique)))
+    with ThreadPoolExecutor(workers) as pool:
+        by_key = dict(zip(first, pool.map(_check, unique)))
+    return [by_key[r.key] for r in records]
+
+
+def _check(record: Record) -> tuple[str | None, str, tuple[int, int]]:
+    try:
+        rgb, mode = _decode(record)
+    except MemoryError:
+        raise  # the machine's problem, not the file's
+    except Exception as e:  # noqa: BLE001 - malformed files make decoders raise all sorts (struct.error, ...)
+        return _skip_reason(record, e), "", (0, 0)
+    return None, mode, rgb.size
+
+
+def _skip_reason(record: Record, e: Exception) -> str:
+    if isinstance(e, Image.DecompressionBombError):
+        return "image too large (decompression bomb limit)"
+    if isinstance(e, OSError) and e.errno is not None:  # the OS's error, not the decoder's
+        return f"cannot read file: {e.strerror or e}"
+    head, size = _head(record)
+    if size == 0:
+        return "empty file"
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image (cannot identify image file)"
+    # A WebP cut short fails with "could not create decoder object"; its RIFF header knows the length.
+    riff = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    riff_short = riff and int.from_bytes(head[4:8], "little") + 8 > size
+    if "truncated" in str(e).lower() or riff_short:
+        return "truncated image"
+    return f"corrupt image: {str(e) or type(e).__name__}"
+
+
+def _head(record: Record) -> tuple[bytes, int]:
+    """(first 12 bytes, total size) of a record's encoded image."""
+    if record.path is None:
+        data = record.data or b""
+        return data[:12], len(data)
+    try:
+        with open(record.path, "rb") as f:
+            return f.read(12), os.fstat(f.fileno()).st_size
+    except OSError:
+        return b"", -1
+
+
+def _log_report(report: dict) -> None:
+    skipped = report["skipped"]
+    log.info("data preflight: %d of %d images usable", report["n_usable"], report["n_total"])
+    for s in skipped[:10]:
+        log.warning("skipping %s: %s", s["name"], s["reason"])
+    if len(skipped) > 10:
+        log.warning("... and %d more skipped files (all listed in data_report.json)", len(skipped) - 10)
+    if report["small"]:
+        log.warning("%d images are smaller than the training resolution %d; %s",
+                    len(report["small"]), report["resolution"], report["small_policy"])
+    if report["default_caption_used"]:
+        log.warning("%d images have no caption; dataset.default_caption stands in",
+                    report["default_caption_used"])
+    if report["empty_captions"]:
+        log.warning("%d images train with an empty caption (set dataset.default_caption or "
+                    "dataset.caption_prefix)", report["empty_captions"])
+
+
+def caption_length_report(records: list[Record], tokenizer, max_length: int = 77) -> dict:
+    """Captions longer than the text encoder's window: {"too_long": count of records,
+    "max_tokens": the longest caption in tokens, "examples": the first 5 such record names,
+    "max_length"}. Token counts include BOS/EOS, as the encoder sees them; anything past
+    ``max_length`` is cut off by the truncating tokenizer at training time, so it never trains.
+    Called by the trainer once the pipeline (and so the tokenizer) is loaded."""
+    captions = list(dict.fromkeys(r.caption for r in records))  # many records share the default caption
+    n_tokens = {}
+    if captions:
+        # verbose=False: transformers would otherwise warn about every over-long caption.
+        ids = tokenizer(captions, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        n_tokens = {c: len(i) for c, i in zip(captions, ids)}
+    long = [r for r in records if n_tokens[r.caption] > max_length]
+    report = {
+        "too_long": len(long),
+        "max_tokens": max(n_tokens.values(), default=0),
+        "examples": [r.name for r in long[:5]],
+        "max_length": max_length,
+    }
+    if long:
+        log.warning("%d captions are longer than the text encoder's %d tokens (longest %d) and will be "
+                    "truncated, e.g. %s", len(long), max_length, report["max_tokens"], report["examples"][0])
+    return report
+
+
+def write_data_report(run_dir: Path, report: dict) -> Path:
+    """Write ``report`` to ``run_dir/data_report.json`` atomically (temp file + rename); return the path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "data_report.json"
+    fd, tmp = tempfile.mkstemp(prefix=".data_report.", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 # Synthetic source: two styles a LoRA can visibly learn, generated offline in milliseconds.

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ghibli_lab.config import register_configs
-from ghibli_lab.data import ImageCaptionDataset, load_image, load_records, prepare_image, split_records
+from ghibli_lab.data import ImageCaptionDataset, load_image, load_records, preflight, prepare_image, split_records
 from ghibli_lab.lora import load_lora
 from ghibli_lab.metrics import FeatureUnavailable, compute_image_metrics, load_feature_models
 from ghibli_lab.pipeline import OfflineError, load_pipeline, training_scheduler
@@ -64,7 +64,8 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
             features[kind] = load_feature_models(kind, cache_dir, clip_model=e.clip_model, inception_path=e.inception_path)
         fm = features[kind]
 
-        records = load_records(train_cfg.dataset, train_cfg.cache_dir)
+        # The same records training used: its preflight is deterministic, so the split is the same.
+        records, _ = preflight(load_records(train_cfg.dataset, train_cfg.cache_dir), train_cfg.dataset.resolution)
         _, holdout = split_records(records, train_cfg.dataset.holdout_fraction)
         if not holdout:
             raise ValueError(f"{run}: the run held out no images (dataset.holdout_fraction=0); nothing to evaluate on")

@@ -53,6 +53,7 @@ class Tracker:
         group: str | None,
         name: str,
         active: bool = True,
+        resume_id: str | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.active = active
@@ -74,6 +75,8 @@ class Tracker:
                 name=name,
                 job_type="train",
                 reinit="finish_previous",
+                id=resume_id,  # a resumed training run continues its own W&B run
+                resume="allow" if resume_id else None,
             )
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,8 +30,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ghibli_lab.cache import CachedDataset, cache_plan, encode_records, fingerprint, sample_latents
+from ghibli_lab.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from ghibli_lab.config import check_config, register_configs
-from ghibli_lab.data import ImageCaptionDataset, collate, load_records, split_records
+from ghibli_lab.data import (
+    ImageCaptionDataset,
+    PreflightError,
+    caption_length_report,
+    collate,
+    load_records,
+    preflight,
+    split_records,
+    write_data_report,
+)
 from ghibli_lab.lora import adapted_models, attach_lora, save_lora
 from ghibli_lab.loss import diffusion_loss, sample_noise
 from ghibli_lab.pipeline import OfflineError, check_model_source, load_pipeline, training_scheduler
@@ -53,6 +64,13 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
     check_config(cfg)
     check_model_source(cfg.model)
     records = load_records(cfg.dataset, cfg.cache_dir)
+    try:  # decode every image once: broken files are skipped and listed, never touched
+        records, data_report = preflight(records, cfg.dataset.resolution)
+    except PreflightError as err:
+        write_data_report(run_dir, err.report)
+        raise
+    if data_report["skipped"]:
+        log.warning("%d of %d files skipped (listed in data_report.json)", len(data_report["skipped"]), data_report["n_total"])
     train_records, holdout_records = split_records(records, cfg.dataset.holdout_fraction)
     if not train_records:
         raise ValueError(f"dataset {cfg.dataset.name!r} leaves no training images after the hold-out split")
@@ -67,6 +85,12 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
     if device.type == "cpu" and weight_dtype == torch.float16:
         weight_dtype = torch.float32  # CPU fp16 kernels are slow or missing; accelerate runs fp32 anyway
 
+    stop = None
+    # Resume: the newest complete checkpoint in this run dir (train.resume=auto) or a given one.
+    resume_from = find_resume_checkpoint(cfg.train.resume, run_dir)
+    resume_info = json.loads((resume_from / "loop_state.json").read_text()) if resume_from else {}
+    if accelerator.is_main_process:  # metrics.jsonl keeps exactly the history the checkpoint has seen
+        truncate_metrics(run_dir / "metrics.jsonl", after_step=resume_info.get("step", -1))
     tracker = Tracker(
         run_dir,
         cfg.logger,
@@ -74,11 +98,20 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
         group=group,
         name=name or run_dir.name,
         active=accelerator.is_main_process,
+        resume_id=(resume_info.get("wandb") or {}).get("id"),
     )
     try:
         # Pipeline, then LoRA. Frozen weights in half precision when asked; LoRA params stay fp32
         # so the optimizer never sees fp16 gradients ("Attempting to unscale FP16 gradients").
         pipe = load_pipeline(cfg.model)
+        data_report["captions"] = caption_length_report(records, pipe.tokenizer, pipe.tokenizer.model_max_length)
+        if data_report["captions"]["too_long"]:
+            log.warning(
+                "%d captions exceed the text encoder's %d tokens and will be truncated (e.g. %s)",
+                data_report["captions"]["too_long"], pipe.tokenizer.model_max_length, data_report["captions"]["examples"][0],
+            )
+        if accelerator.is_main_process:
+            write_data_report(run_dir, data_report)
         params = attach_lora(pipe, cfg.lora)
         pipe.to(device)
         if weight_dtype != torch.float32:
@@ -88,6 +121,14 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
         models = adapted_models(pipe)
         set_train_mode(pipe, True)
         cast_training_params(list(models.values()), dtype=torch.float32)
+        if device.type == "cuda":
+            # TF32 tensor cores for the fp32 matmuls (LoRA weights, optimizer); bf16 ones are unaffected.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if cfg.train.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            pipe.unet.compile()  # in place: the pipeline (sampling, saving) keeps the same module
         if cfg.train.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
             for model_name, model in models.items():
@@ -110,7 +151,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
             flips = (False, True) if ds.random_flip else (False,)
             cache_root = Path(cfg.cache_dir) / "encoded"
             args = (pipe, train_records, ds, cache_root, model_fp, flips, plan["text"], cache_stats)
-            train_set = CachedDataset(encode_records(*args))
+            train_set = CachedDataset(encode_records(*args), seed=cfg.seed)
             args = (pipe, holdout_records, ds, cache_root, model_fp, (False,), plan["text"], cache_stats)
             val_set = CachedDataset(encode_records(*args))
             # The cache is complete: the VAE and frozen text encoders leave the device until sampling.
@@ -118,8 +159,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
             log.info("cache: %d entries encoded, %d reused", cache_stats["encoded"], cache_stats["reused"])
         else:
             log.info("no latent cache (train.cache=%s, dataset.center_crop=%s)", cfg.train.cache, ds.center_crop)
-            train_set = ImageCaptionDataset(train_records, ds.resolution, ds.center_crop, ds.random_flip)
+            train_set = ImageCaptionDataset(train_records, ds.resolution, ds.center_crop, ds.random_flip, seed=cfg.seed)
             val_set = ImageCaptionDataset(holdout_records, ds.resolution, center_crop=True, random_flip=False)
+        # Each epoch's order depends only on (seed, epoch), so a resumed run can rebuild it.
+        shuffle_generator = torch.Generator()
         loader = DataLoader(
             train_set,
             batch_size=cfg.train.batch_size,
@@ -127,7 +170,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
             collate_fn=collate,
             num_workers=cfg.train.num_workers,
             drop_last=len(train_set) >= cfg.train.batch_size,
-            generator=torch.Generator().manual_seed(cfg.seed),
+            generator=shuffle_generator,
         )
         val_batches = encode_validation_set(pipe, val_set, cfg.train.batch_size)
         updates_per_epoch = math.ceil(len(loader) / cfg.train.grad_accum)
@@ -141,6 +184,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
             eps=cfg.train.adam_eps,
             weight_decay=cfg.train.weight_decay,
+            fused=device.type == "cuda",  # one kernel for all LoRA tensors instead of one per tensor
         )
         lr_scheduler = get_scheduler(
             cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=max_steps
@@ -148,16 +192,59 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
         prepared = accelerator.prepare(*models.values(), optimizer, loader)
         optimizer, loader = prepared[-2:]
 
-        # Loop.
-        step, epoch, window_loss, window_n = 0, 0, torch.zeros((), device=device), 0
-        first_val = val_loss = validation_loss(pipe, val_batches, noise_scheduler, cfg)
-        if val_loss is not None:
-            tracker.log({"val/loss": val_loss}, step=0)
-        progress = tqdm(total=max_steps, desc=f"train {run_dir.name}", disable=not accelerator.is_main_process)
+        # Loop, from the checkpoint's exact position when resuming.
+        params_by_name = {f"{m}/{n}": p for m, model in models.items() for n, p in model.named_parameters() if p.requires_grad}
+        name_of = {r.key: r.name for r in train_records}
+        loop = {}
+        if resume_from:
+            loop = load_checkpoint(resume_from, params_by_name, optimizer, lr_scheduler, accelerator.scaler)
+            log.info("resuming from %s (step %d, epoch %d)", resume_from, loop["step"], loop["epoch"])
+        step, epoch, skip = loop.get("step", 0), loop.get("epoch", 0), loop.get("batches_in_epoch", 0)
+        window_loss = torch.tensor(loop.get("window_loss", 0.0), device=device)
+        window_n, skipped, bad_in_a_row = loop.get("window_n", 0), loop.get("skipped_batches", 0), 0
+        train_loss, val_loss, first_val = loop.get("train_loss"), loop.get("val_loss"), loop.get("first_val")
+        if not resume_from:
+            first_val = val_loss = validation_loss(pipe, val_batches, noise_scheduler, cfg)
+            if val_loss is not None:
+                tracker.log({"val/loss": val_loss}, step=0)
+        stop = install_stop_handlers()
+        progress = tqdm(total=max_steps, initial=step, desc=f"train {run_dir.name}", disable=not accelerator.is_main_process)
         while step < max_steps:
-            for batch in loader:
+            shuffle_generator.manual_seed(cfg.seed + epoch)
+            # Through accelerate's loader: each iter() pushes its own epoch counter (0 in a freshly
+            # resumed process) into the dataset's set_epoch, which keys the per-sample flips.
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            for _ in range(skip):  # the batches the checkpointed run had already consumed
+                next(batches)
+            if loop:  # RNG last: positioning the loader must not shift it
+                restore_rng(loop)
+                loop = {}
+            batches_in_epoch, skip = skip, 0
+            for batch in batches:
+                batches_in_epoch += 1
                 with accelerator.accumulate(*models.values()):
                     loss = training_loss(pipe, batch, noise_scheduler, weight_dtype, cfg).mean()
+                    # The one host sync per step: a NaN must be caught before the optimizer applies it.
+                    if not torch.isfinite(loss):
+                        files = ", ".join(name_of.get(k, k) for k in batch["key"])
+                        if cfg.train.nonfinite == "stop":
+                            raise FloatingPointError(
+                                f"non-finite loss ({loss.item()}) at step {step + 1}, epoch {epoch}; the batch's "
+                                f"samples: {files}. Lower train.lr, use train.mixed_precision=bf16 (fp16 overflows), "
+                                f"or set train.nonfinite=skip to skip such batches."
+                            )
+                        log.warning("skipping batch with non-finite loss at step %d: %s", step + 1, files)
+                        skipped += 1
+                        bad_in_a_row += 1
+                        if bad_in_a_row >= len(loader):
+                            raise FloatingPointError(
+                                f"every batch of an epoch gave a non-finite loss ({skipped} skipped so far); "
+                                f"training can't make progress. Check train.lr, train.noise_offset and mixed precision."
+                            )
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                    bad_in_a_row = 0
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -181,11 +268,29 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
                 if every(step, cfg.train.sample_every) and accelerator.is_main_process:
                     path = write_samples(pipe, cfg, run_dir / "samples" / f"step_{step:06d}.png", weight_dtype)
                     tracker.log_image("samples/grid", path, step, caption="top: base, bottom: LoRA")
-                if every(step, cfg.train.checkpoint_every) and step < max_steps and accelerator.is_main_process:
-                    save_lora(pipe, run_dir / "checkpoints" / f"step_{step:06d}" / "lora")
+                stopping = stop["signal"] is not None
+                if (every(step, cfg.train.checkpoint_every) and step < max_steps or stopping) and accelerator.is_main_process:
+                    loop_state = {
+                        "epoch": epoch,
+                        "batches_in_epoch": batches_in_epoch,
+                        "window_loss": window_loss.item(),
+                        "window_n": window_n,
+                        "skipped_batches": skipped,
+                        "train_loss": train_loss,
+                        "val_loss": val_loss,
+                        "first_val": first_val,
+                        "wandb": tracker.identity(),
+                    }
+                    keep = cfg.train.keep_checkpoints
+                    save_checkpoint(run_dir, step, pipe, params_by_name, optimizer, lr_scheduler, accelerator.scaler, loop_state, keep)
+                if stopping:
+                    log.warning("stopped by signal %d at step %d; checkpoint written, resume with train.resume=auto", stop["signal"], step)
+                    tracker.finish(exit_code=PREEMPTED_EXIT)
+                    raise SystemExit(PREEMPTED_EXIT)
                 if step >= max_steps:
                     break
-            epoch += 1
+            else:
+                epoch += 1
         progress.close()
 
         # Save, then samples.
@@ -208,6 +313,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
                 "trainable_params": n_trainable,
                 "n_train": len(train_records),
                 "n_holdout": len(holdout_records),
+                "skipped_batches": skipped,
+                "resumed_from": str(resume_from) if resume_from else None,
                 "cache": {"latents": plan["latents"], "text": plan["latents"] and plan["text"], **cache_stats},
                 "wall_time_s": round(wall, 2),
                 "steps_per_s": round(step / wall, 3),
@@ -223,10 +330,64 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
         tracker.finish(exit_code=1)
         raise
     finally:
+        if stop is not None:
+            remove_stop_handlers(stop)
         accelerator.free_memory()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue it
+
+
+def install_stop_handlers() -> dict:
+    """On SIGTERM or SIGUSR1 (SLURM's pre-timeout signal) only note it: the loop finishes the
+    current step, writes a checkpoint, closes W&B and exits with PREEMPTED_EXIT."""
+    flag = {"signal": None, "previous": {}}
+
+    def request_stop(signum, frame):
+        flag["signal"] = signum
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            flag["previous"][sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: leave the default behaviour
+            pass
+    return flag
+
+
+def remove_stop_handlers(flag: dict) -> None:
+    for sig, handler in flag["previous"].items():
+        signal.signal(sig, handler)
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """``auto``: the newest complete checkpoint in ``run_dir`` (None if there is none); a path:
+    that checkpoint; null: start fresh. Incomplete checkpoints are reported and never used."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path, partial = latest_checkpoint(run_dir)
+        for p in partial:
+            log.warning("ignoring incomplete checkpoint %s (no %s marker)", p, "COMPLETE")
+        if path is None:
+            log.info("train.resume=auto: no checkpoint in %s, starting from step 0", run_dir)
+        return path
+    path = Path(resume)
+    if not (path / "COMPLETE").is_file():
+        raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint dir (no COMPLETE marker)")
+    return path
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop the rows a resumed run will write again (logged after its checkpoint)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def every(step: int, interval: int, last: int | None = None) -> bool:

@@ -241,6 +241,26 @@ def test_hub_source_reads_a_save_to_disk_copy(tmp_path):
     assert "['image', 'text', 'n']" in str(err.value)
 
 
+def test_records_remember_whether_the_caption_was_their_own(tmp_path):
+    # preflight counts the images that fell back to dataset.default_caption.
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        save_image(tmp_path / "folder" / name, "red")
+    (tmp_path / "folder" / "a.txt").write_text("own caption")
+    (tmp_path / "folder" / "b.txt").write_text(" \n")
+    (tmp_path / "folder" / "metadata.jsonl").write_text('{"file_name": "c.png", "text": "from jsonl"}\n')
+    cfg = make_cfg(path=str(tmp_path / "folder"), default_caption="dflt")
+    assert [(r.caption, r.captioned) for r in load_records(cfg, tmp_path)] == [
+        ("own caption", True), ("dflt", False), ("from jsonl", True), ("dflt", False)
+    ]
+    import datasets
+
+    blob = png_bytes(Image.new("RGB", (8, 8), "red"))
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": blob, "path": None}] * 3, "text": ["one", "  ", None]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hub"))
+    records = load_records(make_cfg(source="hub", path=str(tmp_path / "hub"), default_caption="dflt"), tmp_path)
+    assert [(r.caption, r.captioned) for r in records] == [("one", True), ("dflt", False), ("dflt", False)]
+
+
 # ----------------------------------------------------------------------------------------------
 # decoding
 
