@@ -15,7 +15,7 @@ help: ## list the targets
 $(VENV): pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install --quiet torch==2.13.0
-	.venv/bin/pip install --quiet -e '.[dev]'
+	.venv/bin/pip install --quiet -e '.[dev,slurm]'
 	touch $@
 
 install: $(VENV) ## create .venv and install the project (done by every target on first use)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -141,12 +140,6 @@ class CachedDataset(Dataset):
         if entry["text"] is not None:
             item.update(load_file(entry["text"]))
         return item
-
-
-def sample_latents(moments: torch.Tensor, scaling_factor: float, sample: bool = True) -> torch.Tensor:
-    """Scaled latents from cached posterior moments: a fresh sample, or the mean."""
-    dist = DiagonalGaussianDistribution(moments)
-    return (dist.sample() if sample else dist.mode()) * scaling_factor
 
 
 def _readable(path: Path) -> bool:

@@ -7,13 +7,22 @@ express. Every option of a group fills exactly these keys.
 
 from __future__ import annotations
 
+import datetime
+import functools
+import os
 import re
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+# Absolute, so the entry points find their configs however they are started (python -m, a script,
+# an import under a launcher); Hydra reads a relative config_path against the caller's module.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 @dataclass
@@ -151,20 +160,43 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateRunConfig)
     if not OmegaConf.has_resolver("swept"):
         OmegaConf.register_new_resolver("swept", swept_values)
+    if not OmegaConf.has_resolver("launch_time"):
+        OmegaConf.register_new_resolver("launch_time", lambda fmt: launch_time().strftime(fmt))
 
 
-def swept_values(task_overrides: list[str]) -> str:
+@functools.lru_cache(maxsize=1)
+def launch_time() -> datetime.datetime:
+    """When this run was launched: now, or, under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE
+    > 1), the start time of the launcher process that all local ranks share. Hydra's ``${now:}``
+    differs between ranks that start a second apart, which would give each its own run dir."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        try:
+            ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+            boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+            return datetime.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass  # not Linux: pass hydra.run.dir=... explicitly for multi-process runs
+    return datetime.datetime.now()
+
+
+def swept_values(task_overrides: list[str], sweep_dir: str | None = None) -> str:
     """``lora.alpha-4_lora.rank-8``: this job's values of the keys swept on the command line.
 
     Used to name sweep sub-dirs (``hydra.sweep.subdir``). Hydra's ``override_dirname`` holds every
     override, swept or not; which ones were swept is only visible in the original arguments.
-    Falls back to all of this job's overrides when those can't be read (e.g. under submitit).
+    Launchers that run jobs in other processes (submitit) have other arguments; then the sweep's
+    ``multirun.yaml``, which the launcher writes first, has them. Falls back to all of this job's
+    overrides when neither can be read.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     swept = set()
-    for arg in sys.argv[1:]:
+    args = sys.argv[1:]
+    multirun = Path(sweep_dir) / "multirun.yaml" if sweep_dir else None
+    if multirun is not None and multirun.is_file():
+        args = list(OmegaConf.load(multirun).hydra.overrides.task)
+    for arg in args:
         try:
             (override,) = parser.parse_overrides([arg])
         except Exception:  # flags such as -m, and their values

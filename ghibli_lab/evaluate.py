@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ghibli_lab.config import register_configs
+from ghibli_lab.config import CONF_DIR, register_configs
 from ghibli_lab.data import ImageCaptionDataset, load_image, load_records, preflight, prepare_image, split_records
 from ghibli_lab.lora import load_lora
 from ghibli_lab.metrics import FeatureUnavailable, compute_image_metrics, load_feature_models
@@ -241,7 +241,7 @@ def update_wandb_summary(run: Path, result: dict, name: str | None) -> None:
         wb.finish()
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     name = Path(hc.runtime.output_dir).name if hc.mode == RunMode.MULTIRUN else None

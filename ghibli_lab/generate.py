@@ -32,7 +32,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from PIL import Image
 
-from ghibli_lab.config import ModelConfig, SchedulerConfig
+from ghibli_lab.config import CONF_DIR, ModelConfig, SchedulerConfig
 from ghibli_lab.lora import DIFFUSERS_FILE, load_lora
 from ghibli_lab.pipeline import SAMPLERS, OfflineError, load_pipeline
 from ghibli_lab.sampling import generate as sample
@@ -252,7 +252,7 @@ def grid_tile(path: Path, row: int, column: int) -> Image.Image:
     return Image.open(path).convert("RGB").crop((x, row * h, x + w, (row + 1) * h))
 
 
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         paths = generate(cfg)

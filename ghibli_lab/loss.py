@@ -22,17 +22,34 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     raise ValueError(f"min-SNR weighting is defined for epsilon and v_prediction, not {prediction_type!r}")
 
 
-def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator | None = None):
+def shard_randn(shape, shard: tuple[int, int] = (0, 1), **kwargs) -> torch.Tensor:
+    """``torch.randn(shape)`` for this process's slice of the global batch.
+
+    Every process draws the whole global batch's numbers from the same seeded RNG and keeps its
+    rows, so N processes see exactly the noise one process would for the same global batch, and
+    the RNG stays in step everywhere. With one process this is plain ``torch.randn``.
+    """
+    rank, world = shard
+    full = torch.randn((shape[0] * world, *shape[1:]), **kwargs)
+    return full[rank * shape[0] : (rank + 1) * shape[0]]
+
+
+def sample_noise(
+    latents: torch.Tensor,
+    noise_offset: float,
+    generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
+):
     """Gaussian noise, plus a per-channel constant when ``noise_offset`` > 0.
 
     The offset lets the model change an image's mean brightness, which plain noise can't teach
     (Guttenberg, "Diffusion with Offset Noise", crosslabs.org 2023).
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    kwargs = dict(generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = shard_randn(latents.shape, shard, **kwargs)
     if noise_offset > 0:
         b, c = latents.shape[:2]
-        offset = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-        noise = noise + noise_offset * offset
+        noise = noise + noise_offset * shard_randn((b, c, 1, 1), shard, **kwargs)
     return noise
 
 

@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ghibli_lab.config import CONF_DIR
 from ghibli_lab.evaluate import find_runs, fmt  # noqa: E402
 from ghibli_lab.sampling import image_grid  # noqa: E402
 from ghibli_lab.tracking import wandb_mode  # noqa: E402
@@ -663,7 +664,7 @@ def log_to_wandb(run: Run, images: dict[str, Path], eval_name: Optional[str]) ->
     return True
 
 
-@hydra.main(config_path="../conf", config_name="report", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         path = report(cfg)

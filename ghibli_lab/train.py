@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from hydra.core.hydra_config import HydraConfig
@@ -29,9 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ghibli_lab.cache import CachedDataset, cache_plan, encode_records, fingerprint, sample_latents
+from ghibli_lab.cache import CachedDataset, cache_plan, encode_records, fingerprint
 from ghibli_lab.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from ghibli_lab.config import check_config, register_configs
+from ghibli_lab.config import CONF_DIR, check_config, register_configs
 from ghibli_lab.data import (
     ImageCaptionDataset,
     PreflightError,
@@ -43,7 +44,7 @@ from ghibli_lab.data import (
     write_data_report,
 )
 from ghibli_lab.lora import adapted_models, attach_lora, save_lora
-from ghibli_lab.loss import diffusion_loss, sample_noise
+from ghibli_lab.loss import diffusion_loss, sample_noise, shard_randn
 from ghibli_lab.pipeline import OfflineError, check_model_source, load_pipeline, training_scheduler
 from ghibli_lab.sampling import save_samples
 from ghibli_lab.tracking import Tracker
@@ -150,10 +151,11 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
             model_fp = fingerprint(cfg.model, weight_dtype)
             flips = (False, True) if ds.random_flip else (False,)
             cache_root = Path(cfg.cache_dir) / "encoded"
-            args = (pipe, train_records, ds, cache_root, model_fp, flips, plan["text"], cache_stats)
-            train_set = CachedDataset(encode_records(*args), seed=cfg.seed)
-            args = (pipe, holdout_records, ds, cache_root, model_fp, (False,), plan["text"], cache_stats)
-            val_set = CachedDataset(encode_records(*args))
+            with accelerator.main_process_first():  # one process encodes, the others then reuse
+                args = (pipe, train_records, ds, cache_root, model_fp, flips, plan["text"], cache_stats)
+                train_set = CachedDataset(encode_records(*args), seed=cfg.seed)
+                args = (pipe, holdout_records, ds, cache_root, model_fp, (False,), plan["text"], cache_stats)
+                val_set = CachedDataset(encode_records(*args))
             # The cache is complete: the VAE and frozen text encoders leave the device until sampling.
             offload_encoders(pipe, text=plan["text"])
             log.info("cache: %d entries encoded, %d reused", cache_stats["encoded"], cache_stats["reused"])
@@ -189,8 +191,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
         lr_scheduler = get_scheduler(
             cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=max_steps
         )
-        prepared = accelerator.prepare(*models.values(), optimizer, loader)
-        optimizer, loader = prepared[-2:]
+        # The models are not DDP-wrapped: the forward runs under accelerate's autocast and the small
+        # LoRA gradients are averaged across processes explicitly (average_gradients).
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+        shard = (accelerator.process_index, accelerator.num_processes)
 
         # Loop, from the checkpoint's exact position when resuming.
         params_by_name = {f"{m}/{n}": p for m, model in models.items() for n, p in model.named_parameters() if p.requires_grad}
@@ -224,7 +228,8 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
             for batch in batches:
                 batches_in_epoch += 1
                 with accelerator.accumulate(*models.values()):
-                    loss = training_loss(pipe, batch, noise_scheduler, weight_dtype, cfg).mean()
+                    with accelerator.autocast():
+                        loss = training_loss(pipe, batch, noise_scheduler, weight_dtype, cfg, shard).mean()
                     # The one host sync per step: a NaN must be caught before the optimizer applies it.
                     if not torch.isfinite(loss):
                         files = ", ".join(name_of.get(k, k) for k in batch["key"])
@@ -247,6 +252,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
                     bad_in_a_row = 0
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
+                        average_gradients(params, accelerator)
                         accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -258,7 +264,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
                 step += 1
                 progress.update(1)
                 if step % cfg.train.log_every == 0 or step == max_steps:
-                    train_loss = (window_loss / window_n).item()
+                    train_loss = accelerator.reduce(window_loss / window_n, reduction="mean").item()
                     tracker.log({"train/loss": train_loss, "train/lr": lr_scheduler.get_last_lr()[0], "train/epoch": epoch}, step)
                     progress.set_postfix(loss=f"{train_loss:.4f}")
                     window_loss, window_n = torch.zeros((), device=device), 0
@@ -286,6 +292,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
                 if stopping:
                     log.warning("stopped by signal %d at step %d; checkpoint written, resume with train.resume=auto", stop["signal"], step)
                     tracker.finish(exit_code=PREEMPTED_EXIT)
+                    previous = stop["previous"].get(stop["signal"])
+                    remove_stop_handlers(stop)
+                    if callable(previous):  # e.g. submitit's handler, which requeues the job
+                        previous(stop["signal"], None)
                     raise SystemExit(PREEMPTED_EXIT)
                 if step >= max_steps:
                     break
@@ -342,14 +352,16 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a c
 
 
 def install_stop_handlers() -> dict:
-    """On SIGTERM or SIGUSR1 (SLURM's pre-timeout signal) only note it: the loop finishes the
-    current step, writes a checkpoint, closes W&B and exits with PREEMPTED_EXIT."""
+    """On SIGTERM, SIGUSR1 (a common `sbatch --signal` choice) or SIGUSR2 (submitit's pre-timeout
+    signal) only note it: the loop finishes the current step, writes a checkpoint, closes W&B and
+    then hands the signal to the handler it replaced (submitit's requeues the job), or exits with
+    PREEMPTED_EXIT when there was none."""
     flag = {"signal": None, "previous": {}}
 
     def request_stop(signum, frame):
         flag["signal"] = signum
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         try:
             flag["previous"][sig] = signal.signal(sig, request_stop)
         except ValueError:  # not the main thread: leave the default behaviour
@@ -388,6 +400,25 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(r + "\n" for r in rows))
     os.replace(tmp, path)
+
+
+def distributed_shard() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1) without it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Mean of the LoRA gradients over all processes, in one all-reduce (a no-op with one)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def every(step: int, interval: int, last: int | None = None) -> bool:
@@ -434,27 +465,33 @@ def unet_prediction(pipe, noisy, timesteps, batch: dict, dtype) -> torch.Tensor:
     return pipe.unet(noisy, timesteps, encoder_hidden_states=embeds.to(dtype), **kwargs).sample
 
 
-def encode_latents(pipe, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
-    with torch.no_grad():
-        dist = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
-        latents = dist.sample() if sample else dist.mean
+def batch_latents(pipe, batch: dict, sample: bool = True, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Scaled latents of a batch: from cached posterior moments, or by encoding its pixels; a
+    posterior sample (mean + std * eps, as DiagonalGaussianDistribution.sample) or the mean."""
+    device = pipe.unet.device
+    if "latent_moments" in batch:
+        dist = DiagonalGaussianDistribution(batch["latent_moments"].to(device))
+    else:
+        with torch.no_grad():
+            dist = pipe.vae.encode(batch["pixel_values"].to(pipe.vae.device, pipe.vae.dtype)).latent_dist
+    latents = dist.mean.to(device)
+    if sample:
+        latents = latents + dist.std.to(device) * shard_randn(latents.shape, shard, device=device, dtype=latents.dtype)
     return latents * pipe.vae.config.scaling_factor
 
 
-def batch_latents(pipe, batch: dict, sample: bool = True) -> torch.Tensor:
-    """Scaled latents of a batch: from cached posterior moments, or by encoding its pixels."""
-    if "latent_moments" in batch:
-        moments = batch["latent_moments"].to(pipe.unet.device)
-        return sample_latents(moments, pipe.vae.config.scaling_factor, sample)
-    return encode_latents(pipe, batch["pixel_values"], sample).to(pipe.unet.device)
-
-
-def training_loss(pipe, batch: dict, noise_scheduler, dtype: torch.dtype, cfg: DictConfig) -> torch.Tensor:
+def training_loss(
+    pipe, batch: dict, noise_scheduler, dtype: torch.dtype, cfg: DictConfig, shard: tuple[int, int] = (0, 1)
+) -> torch.Tensor:
     """Per-sample loss of one batch at random timesteps: noise or v-prediction MSE, optionally
-    min-SNR-γ weighted, with optional offset noise."""
-    latents = batch_latents(pipe, batch).to(dtype)
-    noise = sample_noise(latents, cfg.train.noise_offset)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    min-SNR-γ weighted, with optional offset noise. ``shard`` = (process index, process count):
+    random draws are made for the global batch and sliced (see loss.shard_randn)."""
+    latents = batch_latents(pipe, batch, shard=shard).to(dtype)
+    noise = sample_noise(latents, cfg.train.noise_offset, shard=shard)
+    rank, world = shard
+    b = latents.shape[0]
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b * world,), device=latents.device)
+    timesteps = timesteps[rank * b : (rank + 1) * b]
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     pred = unet_prediction(pipe, noisy, timesteps, batch, dtype)
     return diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, cfg.train.snr_gamma)
@@ -499,17 +536,20 @@ def validation_loss(pipe, val_batches: list[dict], noise_scheduler, cfg: DictCon
     """Mean unweighted loss on the held-out set at fixed timesteps with fixed noise.
 
     The per-step training loss is dominated by the random timestep and shows no trend; this one
-    only changes when the model does (as kohya's validation loss). The global RNG is saved and
-    restored, so validating never changes the training trajectory.
+    only changes when the model does (as kohya's validation loss). Its noise comes from its own
+    generators, so validating never changes the training trajectory. With several processes the
+    batches are split between them and the sums all-reduced.
     """
     if not val_batches:
         return None
     unet = pipe.unet
-    total, count = 0.0, 0
-    devices = [unet.device] if unet.device.type == "cuda" else []
-    with eval_mode(pipe), torch.random.fork_rng(devices=devices):
-        generator = torch.Generator("cpu").manual_seed(cfg.seed)
-        for batch in val_batches:
+    rank, world = distributed_shard()
+    total = torch.zeros(2, dtype=torch.float64, device=unet.device)  # loss sum, sample count
+    with eval_mode(pipe):
+        for index in range(rank, len(val_batches), world):  # each process takes every world-th batch
+            batch = val_batches[index]
+            # Noise seeded per batch, so the number is the same however the batches are sharded.
+            generator = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + index)
             latents = batch["latents"].to(unet.device, unet.dtype)
             for t in cfg.train.val_timesteps:
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -517,9 +557,10 @@ def validation_loss(pipe, val_batches: list[dict], noise_scheduler, cfg: DictCon
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 pred = unet_prediction(pipe, noisy, timesteps, batch, unet.dtype)
                 loss = diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, snr_gamma=None)
-                total += loss.sum().item()
-                count += loss.numel()
-    return total / count
+                total += torch.stack([loss.sum().double(), torch.tensor(loss.numel(), dtype=torch.float64, device=loss.device)])
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def set_train_mode(pipe, training: bool) -> None:
@@ -571,12 +612,13 @@ def update_latest(output_root: str | Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweep = hc.mode == RunMode.MULTIRUN
-    update_latest(cfg.output_root, Path(hc.sweep.dir) if sweep else run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch / torchrun: once
+        update_latest(cfg.output_root, Path(hc.sweep.dir) if sweep else run_dir)
     try:
         summary = train(cfg, run_dir, group=Path(hc.sweep.dir).name if sweep else None, name=run_dir.name)
     except OfflineError as err:  # an expected failure offline: the message, not a stack trace
@@ -585,4 +627,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Call main through the importable module, not as __main__: launchers that pickle the task
+    # function (submitit) then pickle it by reference instead of by value with its globals.
+    from ghibli_lab import train as _module
+
+    _module.main()
