@@ -22,6 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and when another torch process shares the two
+    cores, spinning OpenMP threads make a 0.1 s generation take ~10 s. Restored afterwards.
+    (Subprocess tests start fresh interpreters with torch's default.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def compose_train(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
     """The real ``conf/train.yaml`` composed with ``overrides``, as the CLI would."""
     register_configs()

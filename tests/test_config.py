@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from .conftest import CONF_DIR, compose_train
 from ghibli_lab.config import check_config
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "experiment")
+# Our groups; conf/hydra/ holds Hydra's own (launcher presets), tested in test_distributed.py.
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra"))
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
 

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -22,14 +21,6 @@ from .conftest import compose_train
 PROMPTS = ["a red fox", "a blue lake"]
 FAST = ["scheduler.steps=2", "seed=3"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

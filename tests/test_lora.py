@@ -19,15 +19,6 @@ RANK, ALPHA = 4, 16  # alpha != rank on purpose: a loader that ignores alpha giv
 PROMPT = "a watercolor hill"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and with another torch process on the machine
-    two spinning OpenMP threads make a 0.1 s generation take ~10 s. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def lora_cfg(**overrides):
     """A full LoraConfig (the schema's keys) as the trainer receives it."""

@@ -13,7 +13,6 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -28,14 +27,6 @@ GRID = [(4, 4), (8, 4), (4, 8), (8, 8)]  # (alpha, rank) in job order, as `train
 WANDB_JOBS = {3}  # this one trains with W&B offline, the others with logger=none
 TILE = 64
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
