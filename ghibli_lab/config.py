@@ -155,9 +155,42 @@ class EvaluateRunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+@dataclass
+class GenerateConfig:
+    """Schema of ``conf/generate.yaml``."""
+
+    model: ModelConfig = MISSING
+    scheduler: SchedulerConfig = MISSING  # the sampler and its steps
+    run: Optional[str] = None
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None
+    loras: list[str] = field(default_factory=list)
+    lora_scale: float = 1.0
+    guidance_scale: float = 7.5
+    seed: int = 0
+    resolution: Optional[int] = None
+    caption_prefix: Optional[str] = None
+    blend: list[str] = field(default_factory=list)
+    blend_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    output_dir: str = MISSING
+
+
+@dataclass
+class ReportConfig:
+    """Schema of ``conf/report.yaml``."""
+
+    sweep_dir: str = "outputs/latest"  # a sweep dir (or a single run dir)
+    eval_name: Optional[str] = None  # null: <run>/eval/; else <run>/eval/<name>/ (an evaluate multirun)
+    tile: int = 128  # px per image in the base-vs-LoRA grids
+    max_columns: int = 8  # at most this many (prompt, seed) columns per grid
+    wandb: bool = True  # also log plots and grids to each run's W&B run
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateRunConfig)
+    ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+    ConfigStore.instance().store(name="report_schema", node=ReportConfig)
     if not OmegaConf.has_resolver("swept"):
         OmegaConf.register_new_resolver("swept", swept_values)
     if not OmegaConf.has_resolver("launch_time"):

@@ -22,23 +22,23 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import hydra
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from ghibli_lab.config import CONF_DIR, ModelConfig, SchedulerConfig
+from ghibli_lab.config import CONF_DIR, register_configs
 from ghibli_lab.lora import DIFFUSERS_FILE, load_lora
 from ghibli_lab.pipeline import SAMPLERS, OfflineError, load_pipeline
 from ghibli_lab.sampling import generate as sample
 from ghibli_lab.sampling import image_grid
 
 log = logging.getLogger(__name__)
+register_configs()
 
 DEFAULT_RESOLUTION = {"tiny": 64, "sdxl": 1024, "sd15": 512}
 
@@ -47,27 +47,6 @@ class InputError(ValueError):
     """Bad input (no prompt, a missing LoRA file, ...): reported as one message, no traceback."""
 
 
-@dataclass
-class GenerateConfig:
-    """Schema of ``conf/generate.yaml``."""
-
-    model: ModelConfig = MISSING
-    scheduler: SchedulerConfig = MISSING  # the sampler and its steps
-    run: Optional[str] = None
-    prompt: Optional[str] = None
-    prompts_file: Optional[str] = None
-    loras: list[str] = field(default_factory=list)
-    lora_scale: float = 1.0
-    guidance_scale: float = 7.5
-    seed: int = 0
-    resolution: Optional[int] = None
-    caption_prefix: Optional[str] = None
-    blend: list[str] = field(default_factory=list)
-    blend_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    output_dir: str = MISSING
-
-
-ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
 
 
 @dataclass

@@ -35,7 +35,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window; set before anything imports pyplot
 
-from hydra.core.config_store import ConfigStore  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
@@ -43,12 +42,13 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ghibli_lab.config import CONF_DIR
+from ghibli_lab.config import CONF_DIR, register_configs
 from ghibli_lab.evaluate import find_runs, fmt  # noqa: E402
 from ghibli_lab.sampling import image_grid  # noqa: E402
 from ghibli_lab.tracking import wandb_mode  # noqa: E402
 
 log = logging.getLogger(__name__)
+register_configs()
 
 # Evaluation metrics as evaluate.py writes them: key -> (label, lower is better).
 EVAL_METRICS = {
@@ -62,18 +62,6 @@ EVAL_METRICS = {
 TRAIN_METRICS = {"val/loss": ("final val/loss (training)", True)}
 
 
-@dataclass
-class ReportConfig:
-    """Schema of ``conf/report.yaml``."""
-
-    sweep_dir: str = "outputs/latest"  # a sweep dir (or a single run dir)
-    eval_name: Optional[str] = None  # null: <run>/eval/; else <run>/eval/<name>/ (an evaluate multirun)
-    tile: int = 128  # px per image in the base-vs-LoRA grids
-    max_columns: int = 8  # at most this many (prompt, seed) columns per grid
-    wandb: bool = True  # also log plots and grids to each run's W&B run
-
-
-ConfigStore.instance().store(name="report_schema", node=ReportConfig)
 
 
 @dataclass

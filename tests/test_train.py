@@ -21,7 +21,7 @@ from ghibli_lab.lora import attach_lora
 from ghibli_lab.pipeline import OfflineError, build_tiny_pipeline, training_scheduler
 from ghibli_lab.train import encode_validation_set, train, training_loss, validation_loss
 
-from .conftest import ROOT
+
 
 
 WIDE_TARGETS = "[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2]"
