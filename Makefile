@@ -7,10 +7,10 @@ ARGS ?=
 RUN ?= outputs/latest
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test train sweep eval report generate clean
+.PHONY: help install demo test train sweep eval report generate bench bench-tiny clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(VENV): pyproject.toml
 	python3 -m venv .venv
@@ -46,6 +46,12 @@ report: $(VENV) ## HTML report of a sweep: eval table, heatmaps, val-loss curves
 
 generate: $(VENV) ## base-vs-LoRA grids: make generate ARGS='prompt="a castle" loras=[outputs/latest/0_lora.alpha-4_lora.rank-4]'
 	$(PY) -m ghibli_lab.generate $(ARGS)
+
+bench: $(VENV) ## LoRA step benchmark on full-size SDXL + SD 1.5 (GPU): images/s, peak memory, MFU
+	$(PY) -m ghibli_lab.bench $(ARGS)
+
+bench-tiny: $(VENV) ## the same benchmark code on the tiny models (CPU, ~20 s); prints its bench.json path
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m ghibli_lab.bench size=tiny 'batch_sizes=[1,2]' warmup=1 steps=3 $(ARGS)
 
 clean: ## remove outputs/ and caches (keeps .venv)
 	rm -rf outputs .cache .pytest_cache

@@ -459,7 +459,7 @@ def unet_prediction(pipe, noisy, timesteps, batch: dict, dtype) -> torch.Tensor:
         # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop, target size.
         res = noisy.shape[-1] * pipe.vae_scale_factor
         n = noisy.shape[0]
-        target = torch.tensor([res, res], device=noisy.device).expand(n, 2)
+        target = torch.full((n, 2), res, device=noisy.device, dtype=torch.long)  # no host-to-device copy
         time_ids = torch.cat([batch["original_size"].to(noisy.device), batch["crop_top_left"].to(noisy.device), target], dim=1)
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
     return pipe.unet(noisy, timesteps, encoder_hidden_states=embeds.to(dtype), **kwargs).sample

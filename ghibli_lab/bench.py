@@ -1,0 +1,806 @@
+"""Training-step benchmark of LoRA on full-size SDXL and SD 1.5:  python -m ghibli_lab.bench [key=value ...]
+
+Builds the published SDXL base 1.0 and SD 1.5 architectures with random weights (no download),
+attaches the trainer's LoRA and times the trainer's own step: ``train.training_loss`` + backward
++ gradient clipping + AdamW. Two modes run side by side (conf/bench.yaml):
+
+- ``reference``: what the seed scripts do. fp32 weights under fp16 autocast with a GradScaler;
+  every step encodes pixels with the VAE and captions with the text encoder(s).
+- ``fast``: the cache's batches (VAE posterior moments and text embeddings, computed once before
+  the clock starts; VAE and text encoders then leave the device), frozen weights in bf16 under bf16
+  autocast (as accelerate's ``mixed_precision=bf16`` runs the trainer) with fp32 LoRA weights,
+  SDPA attention, TF32 matmuls, fused AdamW on CUDA, and optionally gradient checkpointing,
+  ``torch.compile`` of the UNet and channels_last.
+
+Per row it reports images/s, ms/step, peak device memory, model FLOPs per step (counted with
+``torch.utils.flop_counter.FlopCounterMode``) and MFU against the device's dense bf16 peak. It
+writes ``bench.json`` and ``bench.md`` into its run dir and prints the path of ``bench.json``.
+``size=tiny`` runs the same code on the tiny test models (64 px), which is how CI exercises it on
+a CPU; ``size=full`` on a CPU is refused unless ``allow_cpu_full=true`` (a full SDXL step takes
+minutes there and the numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import json
+import logging
+import platform
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.training_utils import cast_training_params
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from ghibli_lab.config import CONF_DIR, LoraConfig, TrainConfig
+from ghibli_lab.lora import attach_lora
+from ghibli_lab.pipeline import build_tiny_pipeline, tiny_tokenizer, training_scheduler
+from ghibli_lab.train import encode_text, offload_encoders, set_train_mode, training_loss
+
+log = logging.getLogger(__name__)
+
+MODELS = ("sdxl", "sd15")
+MODES = ("reference", "fast")
+SIZES = ("full", "tiny")
+OOM = "out of memory"
+CAPTION = "a quiet village street at dusk, in the style of a hand-painted animated film"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config schema (conf/bench.yaml): types are checked when Hydra composes, ranges in check_bench_config.
+
+
+@dataclass
+class BenchResolution:
+    sdxl: int = 1024  # SDXL's native training resolution
+    sd15: int = 512
+    tiny: int = 64  # size=tiny: both tiny models
+
+
+@dataclass
+class BenchConfig:
+    size: str = "full"  # full | tiny
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    gradient_checkpointing: list[bool] = field(default_factory=lambda: [False, True])  # fast rows; reference: off
+    compile: bool = False  # torch.compile the UNet (fast rows)
+    channels_last: bool = False  # UNet in channels_last memory format (fast rows)
+    warmup: int = 3  # untimed steps before the timed ones (absorb cuDNN autotuning, compilation)
+    steps: int = 10  # timed steps
+    resolution: BenchResolution = field(default_factory=BenchResolution)
+    lora_rank: int = 16  # alpha = rank (scale 1), default target modules
+    allow_cpu_full: bool = False  # size=full without a GPU: refused unless true
+
+
+ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+class BenchConfigError(ValueError):
+    """A config the benchmark refuses before building anything."""
+
+
+def check_bench_config(cfg: DictConfig, device: torch.device) -> None:
+    """Range and choice checks the schema's types can't express. Raises BenchConfigError."""
+    errors = []
+    if cfg.size not in SIZES:
+        errors.append(f"size={cfg.size!r} is not one of {', '.join(SIZES)}")
+    for key, allowed in (("models", MODELS), ("modes", MODES)):
+        bad = [v for v in cfg[key] if v not in allowed]
+        if bad or not cfg[key]:
+            errors.append(f"{key}={list(cfg[key])} must be a non-empty list of {', '.join(allowed)}")
+    if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
+        errors.append(f"batch_sizes={list(cfg.batch_sizes)} must be a non-empty list of integers >= 1")
+    if not cfg.gradient_checkpointing:
+        errors.append("gradient_checkpointing must list at least one of false, true")
+    if cfg.steps < 1:
+        errors.append(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.warmup < 0:
+        errors.append(f"warmup must be >= 0, got {cfg.warmup}")
+    if cfg.lora_rank < 1:
+        errors.append(f"lora_rank must be >= 1, got {cfg.lora_rank}")
+    for key, res in cfg.resolution.items():
+        if res < 8 or res % 8:
+            errors.append(f"resolution.{key} must be a positive multiple of 8, got {res}")
+    if errors:
+        raise BenchConfigError("invalid config:\n  " + "\n  ".join(errors))
+    if cfg.size == "full" and device.type == "cpu" and not cfg.allow_cpu_full:
+        raise BenchConfigError(
+            "size=full needs a GPU: no CUDA device here, and one full-size SDXL training step at 1024 px "
+            "takes minutes on a CPU, which measures nothing useful. Run `make bench` on a GPU box, use "
+            "size=tiny (`make bench-tiny`) to exercise the code, or pass allow_cpu_full=true to run anyway."
+        )
+    if cfg.compile and cfg.warmup < 2:
+        log.warning("compile=true with warmup=%d: compilation time will land in the timed steps", cfg.warmup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Full-size architectures, from the published configs (model_index.json and each component's
+# config.json) of stabilityai/stable-diffusion-xl-base-1.0 and stable-diffusion-v1-5/stable-diffusion-v1-5.
+# Keys left out equal diffusers' / transformers' defaults. Parameter counts (checked in the tests):
+# SDXL UNet 2,567,463,684; SD 1.5 UNet 859,520,964; VAE 83,653,863; CLIP ViT-L text 123,060,480;
+# OpenCLIP bigG text + projection 694,659,840.
+
+UNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "sdxl": dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20),  # the number of heads, in diffusers' historical naming
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG), concatenated
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 size/crop numbers x 256 + 1280 pooled
+        norm_num_groups=32,
+        norm_eps=1e-5,
+    ),
+    "sd15": dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=8,
+        cross_attention_dim=768,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+    ),
+}
+
+VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    act_fn="silu",
+)
+VAE_FAMILY = {
+    "sdxl": dict(sample_size=1024, scaling_factor=0.13025),
+    "sd15": dict(sample_size=512, scaling_factor=0.18215),
+}
+
+# SD 1.5's only text encoder and SDXL's first: OpenAI CLIP ViT-L/14's text tower.
+CLIP_VIT_L: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    layer_norm_eps=1e-5,
+)
+# SDXL's second: OpenCLIP ViT-bigG/14's text tower with its projection (pooled output).
+OPENCLIP_BIGG: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+    layer_norm_eps=1e-5,
+)
+# The noise schedule both models were trained with, and their stock samplers' settings.
+NOISE_SCHEDULE: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+)
+
+
+def build_full_components(family: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
+    """The full-size UNet, VAE and text encoder(s) of ``family`` with random weights, built on
+    ``device`` (no slow CPU init of 2.6B parameters on a GPU box; ``"meta"`` for shapes only) and
+    cast to ``dtype`` one component at a time, so at most one of them is ever in fp32 there."""
+    tokenizer = tiny_tokenizer()
+    # The real tokenizers' special ids are 49406/49407; the byte-level test tokenizer's are small.
+    # Only the token ids' length (77) and range (< vocab) matter for the compute.
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    components = {}
+    with torch.device(device):
+        components["unet"] = _place(UNet2DConditionModel(**UNET_CONFIGS[family]), device, dtype)
+        components["vae"] = _place(AutoencoderKL(**VAE_CONFIG, **VAE_FAMILY[family]), device, dtype)
+        components["text_encoder"] = _place(CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L, **ids)), device, dtype)
+        if family == "sdxl":
+            encoder = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, **ids))
+            components["text_encoder_2"] = _place(encoder, device, dtype)
+    components["tokenizer"] = tokenizer
+    return components
+
+
+def _place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    module.to(device)  # a no-op where the device context already put it there
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
+def build_full_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
+    """A real StableDiffusionXLPipeline / StableDiffusionPipeline (the classes training uses) of
+    full-size random components, on ``device`` in ``dtype``, every component in eval mode."""
+    parts = build_full_components(family, device, dtype)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            **parts,
+            tokenizer_2=tiny_tokenizer(),
+            scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **NOISE_SCHEDULE),
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts,
+            scheduler=PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **NOISE_SCHEDULE),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak dense BF16 tensor throughput per GPU, without 2:4 structured sparsity (the datasheets'
+# headline numbers are the sparse ones, twice these). Matched in order against
+# torch.cuda.get_device_name(), lower-cased, so the more specific names come first.
+PEAK_BF16_FLOPS: tuple[tuple[str, float, str], ...] = (
+    # NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): BF16 1,979 TFLOPS SXM,
+    # 1,513 PCIe, 1,671 NVL, all "with sparsity". GH200 has the H100 SXM tensor cores.
+    ("gh200", 989e12, "NVIDIA GH200 datasheet (H100 SXM class), 1979 TFLOPS sparse / 2"),
+    ("h100 nvl", 835e12, "NVIDIA H100 datasheet, NVL: 1671 TFLOPS sparse / 2"),
+    ("h100 pcie", 756e12, "NVIDIA H100 datasheet, PCIe: 1513 TFLOPS sparse / 2"),
+    ("h100", 989e12, "NVIDIA H100 datasheet, SXM (HBM3): 1979 TFLOPS sparse / 2"),
+    # NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): 1,979 SXM, 1,671 NVL (sparse).
+    ("h200 nvl", 835e12, "NVIDIA H200 datasheet, NVL: 1671 TFLOPS sparse / 2"),
+    ("h200", 989e12, "NVIDIA H200 datasheet, SXM: 1979 TFLOPS sparse / 2"),
+    # NVIDIA A100 datasheet: BF16 312 TFLOPS dense (624 sparse), SXM and PCIe, 40 and 80 GB.
+    ("a100", 312e12, "NVIDIA A100 datasheet: 312 TFLOPS dense"),
+    # NVIDIA L40S datasheet: BF16 733 TFLOPS with sparsity -> 362 dense.
+    ("l40s", 362e12, "NVIDIA L40S datasheet: 733 TFLOPS sparse / 2"),
+    # NVIDIA Ada Lovelace architecture whitepaper, appendix: RTX 4090 peak BF16 tensor TFLOPS with
+    # FP32 accumulate 165.2 dense (330.4 sparse), which is what PyTorch's bf16 matmuls use.
+    ("rtx 4090", 165e12, "NVIDIA Ada whitepaper: 165.2 TFLOPS dense (FP32 accumulate)"),
+)
+
+
+def peak_bf16_flops(device_name: str) -> tuple[float | None, str]:
+    """(peak dense bf16 FLOP/s, source) for a CUDA device name; (None, reason) when unknown."""
+    name = device_name.lower()
+    for key, peak, source in PEAK_BF16_FLOPS:
+        if key in name:
+            return peak, source
+    return None, f"no dense-bf16 peak known for {device_name!r}: MFU not computed"
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counting.
+
+# On CPU, SDPA dispatches to a kernel FlopCounterMode has no formula for (CUDA's flash, efficient
+# and cuDNN kernels are covered); count it with the same formulas so CPU and GPU counts agree.
+CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
+    ),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad_out, q, k, v)
+    ),
+}
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs (matmuls, convolutions, attention; 2 per multiply-add) of everything ``fn`` runs."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------
+# One (model, mode): its pipeline, LoRA, batch and step.
+
+
+@dataclass
+class Setup:
+    """Everything one (model, mode) needs to time steps."""
+
+    model: str
+    mode: str
+    pipe: DiffusionPipeline
+    params: list[torch.nn.Parameter]
+    batch: dict  # for the largest batch size; rows slice it
+    noise_scheduler: Any
+    device: torch.device
+    dtype: torch.dtype  # the frozen weights' dtype (training_loss's ``dtype``)
+    autocast_dtype: torch.dtype | None  # None: no autocast
+    loss_cfg: DictConfig
+    compiled: bool = False
+
+
+def build_setup(cfg: DictConfig, model: str, mode: str, device: torch.device) -> Setup:
+    """Pipeline (full or tiny) on ``device``, LoRA attached as the trainer does, and the batch:
+    pixels + captions for ``reference``; the cache's latent moments + embeddings for ``fast``,
+    encoded here, before any clock starts, after which the encoders leave the device."""
+    fast = mode == "fast"
+    dtype = torch.bfloat16 if fast else torch.float32
+    torch.manual_seed(0)
+    if cfg.size == "tiny":
+        pipe = build_tiny_pipeline(model).to(device)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        pipe = build_full_pipeline(model, device, dtype)
+    lora_cfg = OmegaConf.structured(LoraConfig(rank=cfg.lora_rank, alpha=float(cfg.lora_rank)))
+    params = attach_lora(pipe, lora_cfg)
+    set_train_mode(pipe, True)
+    # LoRA weights stay fp32 under bf16 frozen weights (diffusers' LoRA scripts do the same).
+    cast_training_params([pipe.unet], dtype=torch.float32)
+    if fast and cfg.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+
+    resolution = cfg.resolution.tiny if cfg.size == "tiny" else cfg.resolution[model]
+    batch = make_batch(pipe, model, max(cfg.batch_sizes), resolution, device, cached=fast)
+    if fast:
+        offload_encoders(pipe, text=True)  # as train.py does once the cache is complete
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    # training_loss reads only cfg.train.noise_offset and cfg.train.snr_gamma; these are the
+    # defaults of conf/train.yaml (min-SNR-gamma 5, no offset noise).
+    loss_cfg = OmegaConf.create({"train": OmegaConf.structured(TrainConfig(snr_gamma=5.0, noise_offset=0.0))})
+    autocast_dtype = torch.bfloat16 if fast else torch.float16
+    if device.type == "cpu" and autocast_dtype == torch.float16:
+        autocast_dtype = None  # CPU fp16 kernels are ~10x slower than fp32; train.py runs fp32 there too
+    return Setup(
+        model=model,
+        mode=mode,
+        pipe=pipe,
+        params=params,
+        batch=batch,
+        noise_scheduler=training_scheduler(pipe),
+        device=device,
+        dtype=dtype,
+        autocast_dtype=autocast_dtype,
+        loss_cfg=loss_cfg,
+    )
+
+
+def make_batch(pipe, model: str, batch_size: int, resolution: int, device: torch.device, cached: bool) -> dict:
+    """A batch in the trainer's format, on ``device``: random images in [-1, 1] and captions, or,
+    when ``cached``, what the cache stores for them (fp32 posterior moments and text embeddings,
+    computed per image as cache.encode_records does)."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(batch_size, 3, resolution, resolution, generator=generator) * 2 - 1
+    captions = [f"{CAPTION}, {i}" for i in range(batch_size)]
+    batch: dict[str, Any] = {"caption": captions}
+    if model == "sdxl":
+        batch["original_size"] = torch.full((batch_size, 2), resolution, dtype=torch.long, device=device)
+        batch["crop_top_left"] = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+    if not cached:
+        batch["pixel_values"] = pixels.to(device)
+        return batch
+    with torch.no_grad():
+        moments = [pipe.vae.encode(p[None].to(device, pipe.vae.dtype)).latent_dist.parameters for p in pixels]
+        embeds, pooled = encode_text(pipe, captions)
+    batch["latent_moments"] = torch.cat(moments).float()
+    batch["prompt_embeds"] = embeds.float()
+    if pooled is not None:
+        batch["pooled_prompt_embeds"] = pooled.float()
+    return batch
+
+
+def slice_batch(batch: dict, batch_size: int) -> dict:
+    return {k: v[:batch_size] for k, v in batch.items()}
+
+
+def make_optimizer(setup: Setup) -> torch.optim.Optimizer:
+    """AdamW with the trainer's defaults; fused (one kernel for all LoRA tensors) in fast mode on CUDA."""
+    t = setup.loss_cfg.train
+    return torch.optim.AdamW(
+        setup.params,
+        lr=t.lr,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+        fused=setup.mode == "fast" and setup.device.type == "cuda",
+    )
+
+
+def step_loss(setup: Setup, batch: dict) -> torch.Tensor:
+    """The trainer's loss of one batch, under the mode's autocast."""
+    dtype = setup.autocast_dtype
+    with torch.autocast(setup.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        return training_loss(setup.pipe, batch, setup.noise_scheduler, setup.dtype, setup.loss_cfg).mean()
+
+
+def train_step(setup: Setup, batch: dict, optimizer, scaler) -> torch.Tensor:
+    """Loss, backward, clip, optimizer step: the trainer's step. Nothing here waits on the device
+    beyond what ``training_loss`` does (``host_syncs_per_step`` counts it), except the reference's
+    GradScaler, which checks for infs on the host as in the scripts it stands for."""
+    loss = step_loss(setup, batch)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(setup.params, setup.loss_cfg.train.max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def step_flops(setup: Setup, batch_size: int) -> int:
+    """Model FLOPs of one step (forward + backward) at ``batch_size``, counted in eager mode with
+    gradient checkpointing off: MFU counts the model's FLOPs, not recomputation (PaLM, Chowdhery
+    et al. 2022, appendix B). The optimizer's elementwise work isn't counted."""
+    unet = setup.pipe.unet
+    checkpointing = unet.is_gradient_checkpointing
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
+    batch = slice_batch(setup.batch, batch_size)
+    try:
+        flops = count_flops(lambda: step_loss(setup, batch).backward())
+    finally:
+        for p in setup.params:
+            p.grad = None
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+    return flops
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(setup: Setup, batch_size: int, checkpointing: bool, cfg: DictConfig) -> dict:
+    """Warm up, then time ``cfg.steps`` steps; synchronizes only around the timed region."""
+    device, unet = setup.device, setup.pipe.unet
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    if setup.compiled:
+        torch._dynamo.reset()  # a fresh static-shape graph per row (a 2nd batch size would go dynamic)
+    batch = slice_batch(setup.batch, batch_size)
+    optimizer = make_optimizer(setup)
+    scaler = torch.amp.GradScaler(device.type) if setup.mode == "reference" else None
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    syncs = None
+    for i in range(cfg.warmup):
+        if device.type == "cuda" and i == cfg.warmup - 1:
+            syncs = count_host_syncs(lambda: train_step(setup, batch, optimizer, scaler))
+        else:
+            train_step(setup, batch, optimizer, scaler)
+    synchronize(device)
+    start = time.perf_counter()
+    losses = [train_step(setup, batch, optimizer, scaler) for _ in range(cfg.steps)]
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+
+    loss = torch.stack(losses).float().mean().item()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del optimizer, scaler, losses
+    return {
+        "images_per_s": batch_size * cfg.steps / elapsed,
+        "step_ms": 1000 * elapsed / cfg.steps,
+        "peak_mem_gib": peak,
+        "loss": loss,
+        "host_syncs_per_step": syncs,
+    }
+
+
+def count_host_syncs(fn: Callable[[], Any]) -> int:
+    """Host-device synchronizations inside ``fn`` (CUDA), from torch's sync debug mode."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+def row_plan(cfg: DictConfig, mode: str) -> list[tuple[int, bool]]:
+    """(batch size, gradient checkpointing) per row of one mode: reference rows never checkpoint
+    (the seed scripts don't); fast rows take every value of ``gradient_checkpointing``."""
+    checkpointing = list(dict.fromkeys(bool(c) for c in cfg.gradient_checkpointing)) if mode == "fast" else [False]
+    return [(bs, ckpt) for bs in cfg.batch_sizes for ckpt in checkpointing]
+
+
+def bench(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Run every (model, mode, batch size, checkpointing) row of ``cfg``; write ``bench.json`` and
+    ``bench.md`` into ``out_dir`` and return what bench.json holds. A row that runs out of device
+    memory records ``"error": "out of memory"`` and the run goes on; so does any other failure,
+    with its message (main() then exits non-zero)."""
+    out_dir = Path(out_dir)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    check_bench_config(cfg, device)
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()})"
+    peak, peak_note = peak_bf16_flops(device_name) if device.type == "cuda" else (None, "CPU: MFU not computed")
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    rows: list[dict] = []
+    notes = [
+        "images/s = batch size x timed steps / wall time of the timed steps (device synchronized before and after)",
+        "flops_per_step: model FLOPs of forward + backward (FlopCounterMode, eager, no checkpointing recomputation), "
+        "counted at batch 1 and scaled by the batch size; MFU = flops_per_step x steps/s / peak",
+        "speedup: fastest successful fast row / reference row, images/s, per model and batch size",
+    ]
+    if device.type == "cpu":
+        notes.append(
+            "CPU: no peak memory or MFU; the reference runs in fp32 (CPU fp16 autocast is ~10x slower) and bf16 "
+            "is slow on most CPUs, so CPU timings and speedups say nothing about a GPU"
+        )
+    try:
+        for model in cfg.models:
+            for mode in cfg.modes:
+                rows += bench_model_mode(cfg, model, mode, device, peak, notes)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+    result = {
+        "device": device_name,
+        "versions": versions(),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "size": cfg.size,
+        "peak_bf16_flops": peak,
+        "peak_source": peak_note,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "rows": rows,
+        "speedup": speedups(rows),
+        "notes": notes,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "bench.md").write_text(render_markdown(result))
+    return result
+
+
+def bench_model_mode(
+    cfg: DictConfig, model: str, mode: str, device: torch.device, peak: float | None, notes: list[str]
+) -> list[dict]:
+    """The rows of one (model, mode), on a pipeline built for it and freed afterwards; failures
+    that aren't one row's go to ``notes``."""
+    fast = mode == "fast"
+    plan = row_plan(cfg, mode)
+    rows = [
+        {
+            "model": model,
+            "mode": mode,
+            "batch_size": bs,
+            "gradient_checkpointing": ckpt,
+            "compile": bool(fast and cfg.compile),
+            "channels_last": bool(fast and cfg.channels_last),
+            "precision": precision(mode, device),
+            "images_per_s": None,
+            "step_ms": None,
+            "peak_mem_gib": None,
+            "flops_per_step": None,
+            "mfu": None,
+            "loss": None,
+            "host_syncs_per_step": None,
+            "error": None,
+        }
+        for bs, ckpt in plan
+    ]
+    # TF32 for fp32 matmuls and convolutions in fast mode; PyTorch's defaults (matmul off, cuDNN
+    # on) for the reference, as the scripts it stands for leave them.
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = True
+    setup = None
+    try:
+        log.info("%s %s: building the %s pipeline", model, mode, cfg.size)
+        setup = build_setup(cfg, model, mode, device)
+    except Exception as err:  # noqa: BLE001 - recorded per row, the run goes on
+        message = describe(err)
+        for row in rows:
+            row["error"] = message
+        del setup
+        free(device)
+        return rows
+
+    # Counted once at batch 1, before any compilation, and scaled: every op of the step is
+    # per-sample, so the count is linear in the batch (tests/test_bench.py checks it).
+    try:
+        flops_1 = step_flops(setup, 1)
+    except Exception as err:  # noqa: BLE001 - e.g. no room without checkpointing: no FLOPs, rows go on
+        flops_1 = None
+        notes.append(f"{model} {mode}: FLOP count failed ({describe(err)}), so no FLOPs or MFU")
+    free(device)
+    if fast and cfg.compile:
+        setup.pipe.unet.compile()  # in place, as train.py does
+        setup.compiled = True
+
+    for row in rows:
+        bs, ckpt = row["batch_size"], row["gradient_checkpointing"]
+        try:
+            row.update(measure(setup, bs, ckpt, cfg))
+        except Exception as err:  # noqa: BLE001
+            row["error"] = describe(err)
+        for p in setup.params:
+            p.grad = None
+        free(device)
+        if row["error"] is None and flops_1 is not None:
+            row["flops_per_step"] = flops_1 * bs
+            if peak is not None:
+                row["mfu"] = row["flops_per_step"] * row["images_per_s"] / bs / peak
+        log.info("%s", format_row(row))
+    compiled = setup.compiled
+    del setup
+    if compiled:
+        torch._dynamo.reset()  # drop the compiled graphs (and the weights they hold)
+    free(device)
+    return rows
+
+
+def describe(err: BaseException) -> str:
+    """A row's error: "out of memory" for any allocation failure (cuBLAS and cuDNN report theirs as
+    plain RuntimeErrors), else the exception's type and message, with the traceback logged."""
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        return OOM
+    log.error("%s", "".join(traceback.format_exception(err)))
+    return f"{type(err).__name__}: {err}"
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def speedups(rows: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Per model and batch size: the fastest successful fast row's images/s over the reference
+    row's; None where either is missing or failed."""
+    best: dict[tuple, float] = {}
+    out: dict[str, dict[str, float | None]] = {}
+    for r in rows:
+        out.setdefault(r["model"], {})[str(r["batch_size"])] = None
+        if r["error"] is None and r["images_per_s"] is not None:
+            key = (r["model"], r["mode"], r["batch_size"])
+            best[key] = max(best.get(key, 0.0), r["images_per_s"])
+    for model, per_bs in out.items():
+        for bs in per_bs:
+            ref, fast = best.get((model, "reference", int(bs))), best.get((model, "fast", int(bs)))
+            per_bs[bs] = fast / ref if ref and fast else None
+    return out
+
+
+def precision(mode: str, device: torch.device) -> str:
+    if mode == "fast":
+        return "bf16 frozen weights, fp32 LoRA, bf16 autocast"
+    if device.type == "cpu":
+        return "fp32 weights, no autocast (CPU fp16 is slow), GradScaler"
+    return "fp32 weights, fp16 autocast, GradScaler"
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for package in ("torch", "diffusers", "transformers", "peft", "accelerate", "hydra-core"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    out["cuda"] = torch.version.cuda
+    out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Output.
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_row(row: dict) -> str:
+    head = f"{row['model']} {row['mode']} bs={row['batch_size']} ckpt={row['gradient_checkpointing']}"
+    if row["error"]:
+        return f"{head}: {row['error']}"
+    mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+    mem = "-" if row["peak_mem_gib"] is None else f"{row['peak_mem_gib']:.2f} GiB"
+    return f"{head}: {row['images_per_s']:.3f} img/s, {row['step_ms']:.1f} ms/step, peak {mem}, MFU {mfu}"
+
+
+def render_markdown(result: dict) -> str:
+    """bench.md: the device, versions and date; one table row per config; the speedups."""
+    v = result["versions"]
+    lines = [
+        f"# LoRA training-step benchmark ({result['size']} models)",
+        "",
+        f"- device: {result['device']}",
+        f"- date: {result['date']}",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
+        f"- MFU peak: {_num(result['peak_bf16_flops'] and result['peak_bf16_flops'] / 1e12, '.0f')} TFLOP/s dense bf16"
+        f" ({result['peak_source']})",
+        f"- {result['config']['warmup']} warmup + {result['config']['steps']} timed steps per row; LoRA rank "
+        f"{result['config']['lora_rank']}; FLOPs are model FLOPs (no recomputation), forward + backward",
+        "",
+        "| model | mode | batch | grad ckpt | compile | images/s | ms/step | peak GiB | TFLOP/step | MFU | error |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        flops = None if r["flops_per_step"] is None else r["flops_per_step"] / 1e12
+        mfu = None if r["mfu"] is None else 100 * r["mfu"]
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['batch_size']} | {'yes' if r['gradient_checkpointing'] else 'no'} "
+            f"| {'yes' if r['compile'] else 'no'} | {_num(r['images_per_s'], '.3f')} | {_num(r['step_ms'], '.1f')} "
+            f"| {_num(r['peak_mem_gib'], '.2f')} | {_num(flops, '.4g')} "
+            f"| {_num(mfu, '.1f')}{'%' if mfu is not None else ''} "
+            f"| {r['error'] or ''} |"
+        )
+    lines += ["", "## Speedup (fastest fast row / reference, images/s)", ""]
+    lines += ["| model | batch | speedup |", "|---|---:|---:|"]
+    for model, per_bs in result["speedup"].items():
+        for bs, ratio in per_bs.items():
+            lines.append(f"| {model} | {bs} | {_num(ratio, '.2f')}{'x' if ratio is not None else ''} |")
+    lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+@hydra.main(config_path=CONF_DIR, config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = bench(cfg, out_dir)
+    except BenchConfigError as err:
+        raise SystemExit(f"ghibli_lab.bench: {err}") from None
+    print(out_dir / "bench.json")
+    failed = [r for r in result["rows"] if r["error"] not in (None, OOM)]
+    if failed:
+        raise SystemExit(f"ghibli_lab.bench: {len(failed)} row(s) failed; see bench.md and the log")
+
+
+if __name__ == "__main__":
+    main()
