@@ -56,7 +56,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ghibli_lab.config import CONF_DIR, LoraConfig, TrainConfig
 from ghibli_lab.lora import attach_lora
-from ghibli_lab.pipeline import build_tiny_pipeline, tiny_tokenizer, training_scheduler
+from ghibli_lab.pipeline import NOISE_SCHEDULE, build_tiny_pipeline, tiny_tokenizer, training_scheduler
 from ghibli_lab.train import encode_text, offload_encoders, set_train_mode, training_loss
 
 log = logging.getLogger(__name__)
@@ -216,10 +216,6 @@ OPENCLIP_BIGG: dict[str, Any] = dict(
     hidden_act="gelu",
     projection_dim=1280,
     layer_norm_eps=1e-5,
-)
-# The noise schedule both models were trained with, and their stock samplers' settings.
-NOISE_SCHEDULE: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
 )
 
 

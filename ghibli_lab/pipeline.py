@@ -154,15 +154,14 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
     )
 
 
-def _noise_schedule() -> dict:
-    # The betas both SD 1.5 and SDXL were trained with.
-    return dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-    )
+# The noise schedule both SD 1.5 and SDXL were trained with (their schedulers' betas).
+NOISE_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+)
 
 
 def build_tiny_pipeline(family: str) -> DiffusionPipeline:
@@ -196,7 +195,7 @@ def _tiny_pipeline(family: str) -> DiffusionPipeline:
                 text_encoder=_tiny_text_encoder(tokenizer, projection=False),
                 tokenizer=tokenizer,
                 unet=unet,
-                scheduler=PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **_noise_schedule()),
+                scheduler=PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **NOISE_SCHEDULE),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
@@ -221,6 +220,6 @@ def _tiny_pipeline(family: str) -> DiffusionPipeline:
             tokenizer=tokenizer,
             tokenizer_2=tiny_tokenizer(),
             unet=unet,
-            scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **_noise_schedule()),
+            scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **NOISE_SCHEDULE),
             add_watermarker=False,
         )
