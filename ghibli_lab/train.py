@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ghibli_lab.cache import CachedDataset, cache_plan, encode_records, fingerprint
-from ghibli_lab.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from ghibli_lab.checkpoint import MARKER, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from ghibli_lab.config import CONF_DIR, check_config, register_configs
 from ghibli_lab.data import (
     ImageCaptionDataset,
@@ -382,13 +382,13 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if resume == "auto":
         path, partial = latest_checkpoint(run_dir)
         for p in partial:
-            log.warning("ignoring incomplete checkpoint %s (no %s marker)", p, "COMPLETE")
+            log.warning("ignoring incomplete checkpoint %s (no %s marker)", p, MARKER)
         if path is None:
             log.info("train.resume=auto: no checkpoint in %s, starting from step 0", run_dir)
         return path
     path = Path(resume)
-    if not (path / "COMPLETE").is_file():
-        raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint dir (no COMPLETE marker)")
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint dir (no {MARKER} marker)")
     return path
 
 
