@@ -1,8 +1,8 @@
 """Training-step benchmark of LoRA on full-size SDXL and SD 1.5:  python -m ghibli_lab.bench [key=value ...]
 
 Builds the published SDXL base 1.0 and SD 1.5 architectures with random weights (no download),
-attaches the trainer's LoRA and times the trainer's own step: ``train.training_loss`` + backward
-+ gradient clipping + AdamW. Two modes run side by side (conf/bench.yaml):
+attaches the trainer's LoRA and times the trainer's own step: ``loss.training_loss``, then
+``step.optimizer_step`` (backward, gradient clipping, AdamW). Two modes run side by side (conf/bench.yaml):
 
 - ``reference``: what the seed scripts do. fp32 weights under fp16 autocast with a GradScaler;
   every step encodes pixels with the VAE and captions with the text encoder(s).
@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -48,18 +48,20 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.training_utils import cast_training_params
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ghibli_lab.config import CONF_DIR, LoraConfig, TrainConfig
-from ghibli_lab.lora import attach_lora
+from ghibli_lab.adapters import attach_lora
+from ghibli_lab.config import CONF_DIR, register_configs
+from ghibli_lab.encode import encode_text, offload_encoders, set_train_mode
+from ghibli_lab.loss import training_loss
 from ghibli_lab.pipeline import NOISE_SCHEDULE, build_tiny_pipeline, tiny_tokenizer, training_scheduler
-from ghibli_lab.train import encode_text, offload_encoders, set_train_mode, training_loss
+from ghibli_lab.step import make_accelerator, optimizer_step
 
 log = logging.getLogger(__name__)
+register_configs()
 
 MODELS = ("sdxl", "sd15")
 MODES = ("reference", "fast")
@@ -69,33 +71,7 @@ CAPTION = "a quiet village street at dusk, in the style of a hand-painted animat
 
 
 # ----------------------------------------------------------------------------------------------
-# Config schema (conf/bench.yaml): types are checked when Hydra composes, ranges in check_bench_config.
-
-
-@dataclass
-class BenchResolution:
-    sdxl: int = 1024  # SDXL's native training resolution
-    sd15: int = 512
-    tiny: int = 64  # size=tiny: both tiny models
-
-
-@dataclass
-class BenchConfig:
-    size: str = "full"  # full | tiny
-    models: list[str] = field(default_factory=lambda: list(MODELS))
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])
-    modes: list[str] = field(default_factory=lambda: list(MODES))
-    gradient_checkpointing: list[bool] = field(default_factory=lambda: [False, True])  # fast rows; reference: off
-    compile: bool = False  # torch.compile the UNet (fast rows)
-    channels_last: bool = False  # UNet in channels_last memory format (fast rows)
-    warmup: int = 3  # untimed steps before the timed ones (absorb cuDNN autotuning, compilation)
-    steps: int = 10  # timed steps
-    resolution: BenchResolution = field(default_factory=BenchResolution)
-    lora_rank: int = 16  # alpha = rank (scale 1), default target modules
-    allow_cpu_full: bool = False  # size=full without a GPU: refused unless true
-
-
-ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+# Config checks (the schema, BenchConfig, is in config.py with the others)
 
 
 class BenchConfigError(ValueError):
@@ -360,7 +336,8 @@ def build_setup(cfg: DictConfig, model: str, mode: str, device: torch.device) ->
             pipe.to(dtype=dtype)
     else:
         pipe = build_full_pipeline(model, device, dtype)
-    lora_cfg = OmegaConf.structured(LoraConfig(rank=cfg.lora_rank, alpha=float(cfg.lora_rank)))
+    # The trainer's default adapter (conf/lora/r8a8.yaml: attention targets) at rank = alpha = lora_rank.
+    lora_cfg = OmegaConf.merge(OmegaConf.load(Path(CONF_DIR) / "lora" / "r8a8.yaml"), {"rank": cfg.lora_rank, "alpha": float(cfg.lora_rank)})
     params = attach_lora(pipe, lora_cfg)
     set_train_mode(pipe, True)
     # LoRA weights stay fp32 under bf16 frozen weights (diffusers' LoRA scripts do the same).
@@ -375,9 +352,8 @@ def build_setup(cfg: DictConfig, model: str, mode: str, device: torch.device) ->
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    # training_loss reads only cfg.train.noise_offset and cfg.train.snr_gamma; these are the
-    # defaults of conf/train.yaml (min-SNR-gamma 5, no offset noise).
-    loss_cfg = OmegaConf.create({"train": OmegaConf.structured(TrainConfig(snr_gamma=5.0, noise_offset=0.0))})
+    # The trainer's defaults (conf/train.yaml): min-SNR-gamma 5, no offset noise, AdamW settings.
+    loss_cfg = OmegaConf.create({"train": OmegaConf.load(Path(CONF_DIR) / "train.yaml").train})
     autocast_dtype = torch.bfloat16 if fast else torch.float16
     if device.type == "cpu" and autocast_dtype == torch.float16:
         autocast_dtype = None  # CPU fp16 kernels are ~10x slower than fp32; train.py runs fp32 there too
@@ -440,26 +416,16 @@ def step_loss(setup: Setup, batch: dict) -> torch.Tensor:
     """The trainer's loss of one batch, under the mode's autocast."""
     dtype = setup.autocast_dtype
     with torch.autocast(setup.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-        return training_loss(setup.pipe, batch, setup.noise_scheduler, setup.dtype, setup.loss_cfg).mean()
+        t = setup.loss_cfg.train
+        return training_loss(setup.pipe, batch, setup.noise_scheduler, setup.dtype, t.noise_offset, t.snr_gamma).mean()
 
 
-def train_step(setup: Setup, batch: dict, optimizer, scaler) -> torch.Tensor:
-    """Loss, backward, clip, optimizer step: the trainer's step. Nothing here waits on the device
-    beyond what ``training_loss`` does (``host_syncs_per_step`` counts it), except the reference's
-    GradScaler, which checks for infs on the host as in the scripts it stands for."""
+def train_step(setup: Setup, batch: dict, optimizer, accelerator) -> torch.Tensor:
+    """Loss, then the trainer's own ``optimizer_step`` (backward, clip, AdamW). Nothing here waits on
+    the device beyond what ``training_loss`` does (``host_syncs_per_step`` counts it), except the
+    reference's fp16 grad scaler, which checks for infs on the host as in the scripts it stands for."""
     loss = step_loss(setup, batch)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(setup.params, setup.loss_cfg.train.max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(loss, setup.params, optimizer, accelerator, setup.loss_cfg.train.max_grad_norm)
     return loss.detach()
 
 
@@ -497,8 +463,11 @@ def measure(setup: Setup, batch_size: int, checkpointing: bool, cfg: DictConfig)
     if setup.compiled:
         torch._dynamo.reset()  # a fresh static-shape graph per row (a 2nd batch size would go dynamic)
     batch = slice_batch(setup.batch, batch_size)
-    optimizer = make_optimizer(setup)
-    scaler = torch.amp.GradScaler(device.type) if setup.mode == "reference" else None
+    # A fresh accelerator per row: fp16 with its grad scaler for the reference on a GPU, as the
+    # seed scripts run; the optimizer prepared by it, as the trainer's is.
+    reference_fp16 = setup.mode == "reference" and device.type == "cuda"
+    accelerator, _ = make_accelerator("fp16" if reference_fp16 else "no")
+    optimizer = accelerator.prepare(make_optimizer(setup))
     torch.manual_seed(0)
     if device.type == "cuda":
         gc.collect()
@@ -508,18 +477,18 @@ def measure(setup: Setup, batch_size: int, checkpointing: bool, cfg: DictConfig)
     syncs = None
     for i in range(cfg.warmup):
         if device.type == "cuda" and i == cfg.warmup - 1:
-            syncs = count_host_syncs(lambda: train_step(setup, batch, optimizer, scaler))
+            syncs = count_host_syncs(lambda: train_step(setup, batch, optimizer, accelerator))
         else:
-            train_step(setup, batch, optimizer, scaler)
+            train_step(setup, batch, optimizer, accelerator)
     synchronize(device)
     start = time.perf_counter()
-    losses = [train_step(setup, batch, optimizer, scaler) for _ in range(cfg.steps)]
+    losses = [train_step(setup, batch, optimizer, accelerator) for _ in range(cfg.steps)]
     synchronize(device)
     elapsed = time.perf_counter() - start
 
     loss = torch.stack(losses).float().mean().item()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del optimizer, scaler, losses
+    del optimizer, accelerator, losses
     return {
         "images_per_s": batch_size * cfg.steps / elapsed,
         "step_ms": 1000 * elapsed / cfg.steps,

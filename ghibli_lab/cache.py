@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ghibli_lab.data import Record, load_image, prepare_image, sample_seed
+from ghibli_lab.data import ImageCaptionDataset, Record, Split, load_image, prepare_image, sample_seed
+from ghibli_lab.encode import encode_text, offload_encoders
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when what is stored (or how it is computed) changes
@@ -42,6 +43,31 @@ def fingerprint(model_cfg: DictConfig, dtype: torch.dtype) -> dict:
 
 def entry_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def build_datasets(
+    pipe: DiffusionPipeline, split: Split, cfg: DictConfig, dtype: torch.dtype, accelerator
+) -> tuple[Dataset, Dataset, dict]:
+    """Training and held-out datasets: from the shared cache when it can stand in for the encoders
+    (then the VAE and frozen text encoders leave the device until sampling), else pixels and
+    captions encoded every step. Returns them and what the cache did, for summary.json."""
+    ds = cfg.dataset
+    plan = cache_plan(ds, cfg.lora) if cfg.train.cache else {"latents": False, "text": False}
+    stats = {"latents": plan["latents"], "text": plan["latents"] and plan["text"], "encoded": 0, "reused": 0}
+    if not plan["latents"]:
+        log.info("no latent cache (train.cache=%s, dataset.center_crop=%s)", cfg.train.cache, ds.center_crop)
+        train_set = ImageCaptionDataset(split.train, ds.resolution, ds.center_crop, ds.random_flip, seed=cfg.seed)
+        val_set = ImageCaptionDataset(split.holdout, ds.resolution, center_crop=True, random_flip=False)
+        return train_set, val_set, stats
+    model_fp = fingerprint(cfg.model, dtype)
+    flips = (False, True) if ds.random_flip else (False,)
+    root = Path(cfg.cache_dir) / "encoded"
+    with accelerator.main_process_first():  # one process encodes, the others then reuse
+        train_set = CachedDataset(encode_records(pipe, split.train, ds, root, model_fp, flips, plan["text"], stats), seed=cfg.seed)
+        val_set = CachedDataset(encode_records(pipe, split.holdout, ds, root, model_fp, (False,), plan["text"], stats))
+    offload_encoders(pipe, text=plan["text"])
+    log.info("cache: %d entries encoded, %d reused", stats["encoded"], stats["reused"])
+    return train_set, val_set, stats
 
 
 def cache_plan(ds_cfg: DictConfig, lora_cfg: DictConfig) -> dict:
@@ -94,8 +120,6 @@ def encode_records(
             key = entry_key(model=model_fp, caption=record.caption)
             path = text_dir / f"{key}.safetensors"
             if not _readable(path):
-                from ghibli_lab.train import encode_text  # the trainer's own encoding, not a copy
-
                 with torch.no_grad():
                     embeds, pooled = encode_text(pipe, [record.caption])
                 tensors = {"prompt_embeds": embeds[0].float().cpu()}
@@ -108,6 +132,7 @@ def encode_records(
             entry["text"] = path
         entry["caption"] = record.caption
         entry["key"] = record.key
+        entry["name"] = record.name
         entries.append(entry)
     return entries
 
@@ -137,6 +162,7 @@ class CachedDataset(Dataset):
         item = load_file(variants[pick])
         item["caption"] = entry["caption"]
         item["key"] = entry["key"]
+        item["name"] = entry["name"]
         if entry["text"] is not None:
             item.update(load_file(entry["text"]))
         return item

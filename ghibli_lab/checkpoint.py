@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ghibli_lab.lora import save_lora
+from ghibli_lab.adapters import save_lora
+from ghibli_lab.runs import CHECKPOINTS, MARKER, latest_checkpoint
 
 log = logging.getLogger(__name__)
-MARKER = "COMPLETE"
 
 
 def save_checkpoint(
@@ -49,7 +49,7 @@ def save_checkpoint(
 ) -> Path | None:
     """Write ``checkpoints/step_<step>`` atomically, then prune to the newest ``keep``.
     Returns its path, or None when there was not enough disk space (nothing is removed then)."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     need = _estimated_bytes(params, root)
@@ -86,19 +86,6 @@ def save_checkpoint(
     os.rename(tmp, final)
     _prune(root, keep)
     return final
-
-
-def latest_checkpoint(run_dir: Path) -> tuple[Path | None, list[Path]]:
-    """The newest complete checkpoint under ``run_dir/checkpoints`` and the incomplete ones."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None, []
-    complete, partial = [], []
-    for path in sorted(root.iterdir()):
-        if not path.is_dir():
-            continue
-        (complete if path.name.startswith("step_") and (path / MARKER).is_file() else partial).append(path)
-    return (complete[-1] if complete else None), partial
 
 
 def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, lr_scheduler, scaler) -> dict:

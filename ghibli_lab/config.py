@@ -1,7 +1,7 @@
 """Typed schemas for the Hydra configs in ``conf/``.
 
-Values live in YAML; these dataclasses only fix the keys and their types, so a typo or a
-wrong type fails at compose time. ``check_config`` adds the range checks that types can't
+Values live in YAML only (no defaults here, so the two can never disagree); these dataclasses fix
+the keys and their types, so a typo or a wrong type fails at compose time. ``check_config`` adds the range checks that types can't
 express. Every option of a group fills exactly these keys.
 """
 
@@ -29,36 +29,35 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 class ModelConfig:
     family: str = MISSING  # "sdxl" | "sd15": selects the pipeline class and the conditioning
     pretrained: str = MISSING  # hub id, local directory, or "tiny" (random weights built in code)
-    vae: Optional[str] = None  # optional VAE override, e.g. madebyollin/sdxl-vae-fp16-fix
-    variant: Optional[str] = None  # weight file variant on the hub, e.g. "fp16"
+    vae: Optional[str] = MISSING  # optional VAE override, e.g. madebyollin/sdxl-vae-fp16-fix
+    variant: Optional[str] = MISSING  # weight file variant on the hub, e.g. "fp16"
 
 
 @dataclass
 class DatasetConfig:
     name: str = MISSING
     source: str = MISSING  # "hub" | "folder" | "synthetic"
-    path: Optional[str] = None  # hub dataset id, or a local folder
-    image_column: str = "image"  # hub datasets only: column names
-    caption_column: str = "text"
-    num_images: Optional[int] = None  # cap on images used; synthetic: how many to generate
-    resolution: int = 512
-    center_crop: bool = True  # False: random crop
-    random_flip: bool = False
-    caption_prefix: str = ""  # trigger prepended to every caption, e.g. "Still from the Anime, "
-    default_caption: str = ""  # used when an image has no caption
-    holdout_fraction: float = 0.1
+    path: Optional[str] = MISSING  # hub dataset id, or a local folder
+    image_column: str = MISSING  # hub datasets only: column names
+    caption_column: str = MISSING
+    num_images: Optional[int] = MISSING  # cap on images used; synthetic: how many to generate
+    resolution: int = MISSING
+    center_crop: bool = MISSING  # False: random crop
+    random_flip: bool = MISSING
+    caption_prefix: str = MISSING  # trigger prepended to every caption, e.g. "Still from the Anime, "
+    default_caption: str = MISSING  # used when an image has no caption
+    holdout_fraction: float = MISSING
 
 
 @dataclass
 class LoraConfig:
+    type: str = MISSING  # an adapter type of ghibli_lab.adapters.ADAPTER_TYPES ("lora")
     rank: int = MISSING
     alpha: float = MISSING  # independent of rank; the effective scale is alpha / rank
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    text_encoder: bool = False  # also train LoRA on the text encoder(s), both on SDXL
-    text_encoder_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
-    )
+    dropout: float = MISSING
+    target_modules: list[str] = MISSING
+    text_encoder: bool = MISSING  # also train LoRA on the text encoder(s), both on SDXL
+    text_encoder_target_modules: list[str] = MISSING
 
 
 @dataclass
@@ -74,56 +73,56 @@ class GuidanceConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: Optional[int] = 1000  # optimizer steps; null: use epochs
-    epochs: Optional[int] = None
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-4
-    lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
-    warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the UNet (first steps are slow while it compiles)
-    channels_last: bool = False  # UNet convolutions in channels_last memory format
-    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting; 5.0 is the paper's value
-    noise_offset: float = 0.0
-    val_every: int = 100  # 0 = off
-    val_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
-    sample_every: int = 0  # 0 = off; samples are always written at the end
-    checkpoint_every: int = 0  # 0 = off
-    keep_checkpoints: int = 2  # newest complete checkpoints kept
-    resume: Optional[str] = None  # null | auto (newest checkpoint in this run dir) | a checkpoint dir
-    nonfinite: str = "stop"  # non-finite loss: stop (naming the batch's files) | skip the batch
-    log_every: int = 10
-    num_workers: int = 0
-    cache: bool = True  # shared latent/text-embedding cache (needs dataset.center_crop)
+    max_steps: Optional[int] = MISSING  # optimizer steps; null: use epochs
+    epochs: Optional[int] = MISSING
+    batch_size: int = MISSING
+    grad_accum: int = MISSING
+    lr: float = MISSING
+    lr_scheduler: str = MISSING  # any name diffusers.optimization.get_scheduler knows
+    warmup_steps: int = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_eps: float = MISSING
+    weight_decay: float = MISSING
+    max_grad_norm: float = MISSING
+    mixed_precision: str = MISSING  # "no" | "fp16" | "bf16"
+    gradient_checkpointing: bool = MISSING
+    compile: bool = MISSING  # torch.compile the UNet (first steps are slow while it compiles)
+    channels_last: bool = MISSING  # UNet convolutions in channels_last memory format
+    snr_gamma: Optional[float] = MISSING  # min-SNR-gamma loss weighting; 5.0 is the paper's value
+    noise_offset: float = MISSING
+    val_every: int = MISSING  # 0 = off
+    val_timesteps: list[int] = MISSING
+    sample_every: int = MISSING  # 0 = off; samples are always written at the end
+    checkpoint_every: int = MISSING  # 0 = off
+    keep_checkpoints: int = MISSING  # newest complete checkpoints kept
+    resume: Optional[str] = MISSING  # null | auto (newest checkpoint in this run dir) | a checkpoint dir
+    nonfinite: str = MISSING  # non-finite loss: stop (naming the batch's files) | skip the batch
+    log_every: int = MISSING
+    num_workers: int = MISSING
+    cache: bool = MISSING  # shared latent/text-embedding cache (needs dataset.center_crop)
 
 
 @dataclass
 class SampleConfig:
-    prompts: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    prompts: list[str] = MISSING
+    seeds: list[int] = MISSING
 
 
 @dataclass
 class LoggerConfig:
     name: str = MISSING  # "wandb" | "none"
-    project: Optional[str] = None
-    entity: Optional[str] = None
-    mode: Optional[str] = None  # null: online if an API key is configured, else offline
+    project: Optional[str] = MISSING
+    entity: Optional[str] = MISSING
+    mode: Optional[str] = MISSING  # null: online if an API key is configured, else offline
 
 
 @dataclass
 class TrainRunConfig:
-    name: str = "train"
-    seed: int = 0
-    output_root: str = "outputs"
-    cache_dir: str = ".cache/ghibli_lab"
+    name: str = MISSING
+    seed: int = MISSING
+    output_root: str = MISSING
+    cache_dir: str = MISSING
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
     lora: LoraConfig = MISSING
@@ -136,21 +135,21 @@ class TrainRunConfig:
 
 @dataclass
 class EvalConfig:
-    features: str = "auto"  # inception | clip | tiny | auto (tiny for tiny models, else inception)
-    scheduler: str = "ddim"  # ddpm | ddim
-    steps: int = 30
-    images_per_prompt: int = 2  # per held-out caption, at seeds seed .. seed + images_per_prompt - 1
-    seed: int = 0
-    resolution: Optional[int] = None  # null: the run's training resolution
-    kid_subset_size: int = 1000  # clamped to N (and reported) when N is smaller
-    clip_model: str = "openai/clip-vit-large-patch14"  # hub id or local dir
-    inception_path: Optional[str] = None  # null: <cache_dir>/features/inception-2015-12-05.pt
+    features: str = MISSING  # inception | clip | tiny | auto (tiny for tiny models, else inception)
+    scheduler: str = MISSING  # ddpm | ddim
+    steps: int = MISSING
+    images_per_prompt: int = MISSING  # per held-out caption, at seeds seed .. seed + images_per_prompt - 1
+    seed: int = MISSING
+    resolution: Optional[int] = MISSING  # null: the run's training resolution
+    kid_subset_size: int = MISSING  # clamped to N (and reported) when N is smaller
+    clip_model: str = MISSING  # hub id or local dir
+    inception_path: Optional[str] = MISSING  # null: <cache_dir>/features/inception-2015-12-05.pt
 
 
 @dataclass
 class EvaluateRunConfig:
-    run_dir: str = "outputs/latest"  # a run dir or a sweep dir
-    cache_dir: Optional[str] = None  # null: the run's own training cache_dir
+    run_dir: str = MISSING  # a run dir or a sweep dir
+    cache_dir: Optional[str] = MISSING  # null: the run's own training cache_dir
     guidance: GuidanceConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -161,17 +160,17 @@ class GenerateConfig:
 
     model: ModelConfig = MISSING
     scheduler: SchedulerConfig = MISSING  # the sampler and its steps
-    run: Optional[str] = None
-    prompt: Optional[str] = None
-    prompts_file: Optional[str] = None
-    loras: list[str] = field(default_factory=list)
-    lora_scale: float = 1.0
-    guidance_scale: float = 7.5
-    seed: int = 0
-    resolution: Optional[int] = None
-    caption_prefix: Optional[str] = None
-    blend: list[str] = field(default_factory=list)
-    blend_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    run: Optional[str] = MISSING
+    prompt: Optional[str] = MISSING
+    prompts_file: Optional[str] = MISSING
+    loras: list[str] = MISSING
+    lora_scale: float = MISSING
+    guidance_scale: float = MISSING
+    seed: int = MISSING
+    resolution: Optional[int] = MISSING
+    caption_prefix: Optional[str] = MISSING
+    blend: list[str] = MISSING
+    blend_weights: list[float] = MISSING
     output_dir: str = MISSING
 
 
@@ -179,14 +178,40 @@ class GenerateConfig:
 class ReportConfig:
     """Schema of ``conf/report.yaml``."""
 
-    sweep_dir: str = "outputs/latest"  # a sweep dir (or a single run dir)
-    eval_name: Optional[str] = None  # null: <run>/eval/; else <run>/eval/<name>/ (an evaluate multirun)
-    tile: int = 128  # px per image in the base-vs-LoRA grids
-    max_columns: int = 8  # at most this many (prompt, seed) columns per grid
-    wandb: bool = True  # also log plots and grids to each run's W&B run
+    sweep_dir: str = MISSING  # a sweep dir (or a single run dir)
+    eval_name: Optional[str] = MISSING  # null: <run>/eval/; else <run>/eval/<name>/ (an evaluate multirun)
+    tile: int = MISSING  # px per image in the base-vs-LoRA grids
+    max_columns: int = MISSING  # at most this many (prompt, seed) columns per grid
+    wandb: bool = MISSING  # also log plots and grids to each run's W&B run
+
+
+@dataclass
+class BenchResolution:
+    sdxl: int = MISSING
+    sd15: int = MISSING
+    tiny: int = MISSING  # size=tiny: both tiny models
+
+
+@dataclass
+class BenchConfig:
+    """Schema of ``conf/bench.yaml``."""
+
+    size: str = MISSING  # full | tiny
+    models: list[str] = MISSING
+    batch_sizes: list[int] = MISSING
+    modes: list[str] = MISSING
+    gradient_checkpointing: list[bool] = MISSING  # fast rows; reference: off
+    compile: bool = MISSING  # torch.compile the UNet (fast rows)
+    channels_last: bool = MISSING  # UNet in channels_last memory format (fast rows)
+    warmup: int = MISSING  # untimed steps before the timed ones (absorb cuDNN autotuning, compilation)
+    steps: int = MISSING  # timed steps
+    resolution: BenchResolution = field(default_factory=BenchResolution)
+    lora_rank: int = MISSING  # alpha = rank (scale 1), default target modules
+    allow_cpu_full: bool = MISSING  # size=full without a GPU: refused unless true
 
 
 def register_configs() -> None:
+    ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
     ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateRunConfig)
     ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
@@ -254,6 +279,10 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 
+class ConfigError(ValueError):
+    """A config value out of range: reported as one message, no traceback."""
+
+
 def check_config(cfg: DictConfig) -> None:
     """Range and choice checks that types can't express. Raises ValueError naming the key."""
     errors = []
@@ -298,5 +327,5 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.scheduler.steps < 1:
         errors.append(f"scheduler.steps must be >= 1, got {cfg.scheduler.steps}")
     if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

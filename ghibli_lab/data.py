@@ -29,6 +29,8 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
+from ghibli_lab.hub import check_hub_resource
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -165,7 +167,6 @@ def _jsonl_rows(path: Path) -> list[dict]:
 
 
 def _hub_records(ds_cfg: DictConfig) -> list[Record]:
-    from .pipeline import check_hub_resource  # lazy: pipeline imports diffusers, seconds
 
     if not ds_cfg.path:
         raise ValueError("dataset.path is required for dataset.source=hub")
@@ -239,6 +240,42 @@ def split_records(records: list[Record], holdout_fraction: float) -> tuple[list[
             seen.add(r.key)
             (holdout if r.key in held else train).append(r)
     return train, holdout
+
+
+@dataclass
+class Split:
+    """A dataset after preflight: every usable record, the training and held-out sides, and the
+    preflight report (data_report.json)."""
+
+    records: list[Record]
+    train: list[Record]
+    holdout: list[Record]
+    report: dict
+
+
+def load_split(ds_cfg: DictConfig, cache_dir: str | Path, run_dir: Path | None = None) -> Split:
+    """Records of ``ds_cfg``, decoded once (broken files skipped and listed, never touched), split
+    90/10 by content. With too few usable images the report still goes to ``run_dir``."""
+    records = load_records(ds_cfg, cache_dir)
+    try:
+        records, report = preflight(records, ds_cfg.resolution)
+    except PreflightError as err:
+        if run_dir is not None:
+            write_data_report(run_dir, err.report)
+        raise
+    if report["skipped"]:
+        log.warning("%d of %d files skipped (listed in data_report.json)", len(report["skipped"]), report["n_total"])
+    train, holdout = split_records(records, ds_cfg.holdout_fraction)
+    if not train:
+        raise ValueError(f"dataset {ds_cfg.name!r} leaves no training images after the hold-out split")
+    return Split(records, train, holdout, report)
+
+
+def report_captions(split: Split, tokenizer, run_dir: Path, write: bool = True) -> None:
+    """Add caption lengths in the text encoder's tokens to the report; write data_report.json."""
+    split.report["captions"] = caption_length_report(split.records, tokenizer, tokenizer.model_max_length)
+    if write:
+        write_data_report(run_dir, split.report)
 
 
 # Decoding and preprocessing
@@ -340,6 +377,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             "original_size": torch.tensor(original, dtype=torch.long),
             "crop_top_left": torch.tensor(crop, dtype=torch.long),
             "key": record.key,
+            "name": record.name,  # for messages about the batch (a non-finite loss names its files)
         }
 
 

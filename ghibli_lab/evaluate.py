@@ -25,19 +25,22 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ghibli_lab.adapters import loaded_adapter, without_adapter
 from ghibli_lab.config import CONF_DIR, register_configs
-from ghibli_lab.data import ImageCaptionDataset, load_image, load_records, preflight, prepare_image, split_records
-from ghibli_lab.lora import load_lora
-from ghibli_lab.metrics import FeatureUnavailable, compute_image_metrics, load_feature_models
-from ghibli_lab.pipeline import OfflineError, load_pipeline, training_scheduler
+from ghibli_lab.data import ImageCaptionDataset, load_image, load_split, prepare_image
+from ghibli_lab.encode import encode_validation_set, eval_mode
+from ghibli_lab.hub import OfflineError
+from ghibli_lab.loss import validation_loss
+from ghibli_lab.metrics import HEADLINE, METRICS, FeatureUnavailable, compute_image_metrics, fmt, load_feature_models
+from ghibli_lab.pipeline import load_pipeline, training_scheduler
+from ghibli_lab.runs import find_runs, load_run_config
 from ghibli_lab.sampling import generate
 from ghibli_lab.tracking import wandb_mode
-from ghibli_lab.train import encode_validation_set, eval_mode, validation_loss
 
 log = logging.getLogger(__name__)
 register_configs()
 
-METRIC_KEYS = ("kid", "kid_std", "fid", "clip_score", "style_sim", "val_loss")
+METRIC_KEYS = tuple(METRICS)  # what metrics.json holds per side, in the registry's order
 BASE_CACHE_VERSION = 1  # bump when the way base images are generated changes
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "torchmetrics")
 
@@ -55,7 +58,7 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
     seeds = [e.seed + i for i in range(e.images_per_prompt)]
     pipes, features, results = {}, {}, []
     for run in tqdm(runs, desc="evaluate", disable=len(runs) == 1):
-        train_cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+        train_cfg = load_run_config(run)
         if not (run / "lora").is_dir():
             raise FileNotFoundError(f"{run} has no lora/ dir: did its training finish?")
         kind = e.features if e.features != "auto" else ("tiny" if train_cfg.model.pretrained == "tiny" else "inception")
@@ -65,8 +68,7 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         fm = features[kind]
 
         # The same records training used: its preflight is deterministic, so the split is the same.
-        records, _ = preflight(load_records(train_cfg.dataset, train_cfg.cache_dir), train_cfg.dataset.resolution)
-        _, holdout = split_records(records, train_cfg.dataset.holdout_fraction)
+        holdout = load_split(train_cfg.dataset, train_cfg.cache_dir).holdout
         if not holdout:
             raise ValueError(f"{run}: the run held out no images (dataset.holdout_fraction=0); nothing to evaluate on")
         resolution = e.resolution or train_cfg.dataset.resolution
@@ -91,17 +93,18 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
             (base_dir / "done").write_text(json.dumps({"prompts": prompts, "seeds": seeds, **settings}))
         base = read_pngs(base_dir)
 
-        load_lora(pipe, run / "lora", adapter_name="candidate")
-        with eval_mode(pipe):
-            write_pngs(generate(pipe, prompts, seeds, **settings), out_dir / "images" / "lora")
-        lora = read_pngs(out_dir / "images" / "lora")  # metrics on exactly what is on disk (8-bit PNG)
         noise_scheduler = training_scheduler(pipe)
-        # The training run's own batching, so the fixed noise and the number match its val/loss.
-        val_set = ImageCaptionDataset(holdout, train_cfg.dataset.resolution, center_crop=True, random_flip=False)
-        val_batches = encode_validation_set(pipe, val_set, train_cfg.train.batch_size)
-        lora_val = validation_loss(pipe, val_batches, noise_scheduler, train_cfg)
-        pipe.unload_lora_weights()  # back to the base model; also clears any disabled-adapter state
-        base_val = validation_loss(pipe, val_batches, noise_scheduler, train_cfg)
+        val_timesteps, val_seed = list(train_cfg.train.val_timesteps), train_cfg.seed
+        with loaded_adapter(pipe, run / "lora", adapter_name="candidate"):
+            with eval_mode(pipe):
+                write_pngs(generate(pipe, prompts, seeds, **settings), out_dir / "images" / "lora")
+            # The training run's own batching, so the fixed noise and the number match its val/loss.
+            val_set = ImageCaptionDataset(holdout, train_cfg.dataset.resolution, center_crop=True, random_flip=False)
+            val_batches = encode_validation_set(pipe, val_set, train_cfg.train.batch_size)
+            lora_val = validation_loss(pipe, val_batches, noise_scheduler, val_timesteps, val_seed)
+            with without_adapter(pipe):
+                base_val = validation_loss(pipe, val_batches, noise_scheduler, val_timesteps, val_seed)
+        lora = read_pngs(out_dir / "images" / "lora")  # metrics on exactly what is on disk (8-bit PNG)
 
         metrics = {}
         for label, fake, val in (("lora", lora, lora_val), ("base", base, base_val)):
@@ -135,18 +138,6 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
     if len(runs) > 1 or runs[0] != root:
         write_tables(root, results, name)
     return results
-
-
-def find_runs(root: Path) -> list[Path]:
-    """``root`` itself if it is a run dir, else the run dirs directly under it (a sweep), in job order."""
-    if (root / ".hydra" / "config.yaml").is_file():
-        return [root]
-    if not root.is_dir():
-        raise FileNotFoundError(f"run_dir={root} does not exist")
-    runs = [p for p in root.iterdir() if (p / ".hydra" / "config.yaml").is_file()]
-    if not runs:
-        raise FileNotFoundError(f"run_dir={root} is neither a run dir nor a sweep dir (no */.hydra/config.yaml)")
-    return sorted(runs, key=lambda p: (int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 1 << 30, p.name))
 
 
 def cache_key(model_key: str, holdout: list, settings: dict, seeds: list[int]) -> str:
@@ -188,7 +179,7 @@ def write_tables(sweep_dir: Path, results: list[dict], name: str | None) -> None
         if r["protocol"]["base_images"] not in seen_base:
             seen_base.add(r["protocol"]["base_images"])
             rows.append({"run": "base model" if len(seen_base) == 1 else f"base model ({r['run'].name})", **r["base"]})
-    rows.sort(key=lambda row: row["kid"])
+    rows.sort(key=lambda row: row[HEADLINE])
     stem = f"eval_table_{name}" if name else "eval_table"
     columns = ["run", *METRIC_KEYS]
     with open(sweep_dir / f"{stem}.csv", "w", newline="") as f:
@@ -210,10 +201,6 @@ def write_tables(sweep_dir: Path, results: list[dict], name: str | None) -> None
         lines.append(f"FID warning: {p['fid_warning']}")
     (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s", sweep_dir / f"{stem}.md")
-
-
-def fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def update_wandb_summary(run: Path, result: dict, name: str | None) -> None:
@@ -249,7 +236,7 @@ def main(cfg: DictConfig) -> float:
         results = evaluate(cfg, name=name)
     except (FeatureUnavailable, OfflineError) as err:  # expected offline failures: the message, no trace
         raise SystemExit(f"ghibli_lab.evaluate: {err}") from None
-    return min(r["lora"]["kid"] for r in results)
+    return min(r["lora"][HEADLINE] for r in results)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from ghibli_lab.adapters import DIFFUSERS_FILE, load_lora, without_adapter
 from ghibli_lab.config import CONF_DIR, register_configs
-from ghibli_lab.lora import DIFFUSERS_FILE, load_lora
-from ghibli_lab.pipeline import SAMPLERS, OfflineError, load_pipeline
+from ghibli_lab.hub import OfflineError
+from ghibli_lab.pipeline import SAMPLERS, load_pipeline
+from ghibli_lab.runs import is_run
+from ghibli_lab.runs import load_run_config as read_run_config
 from ghibli_lab.sampling import generate as sample
 from ghibli_lab.sampling import image_grid
 
@@ -102,11 +105,8 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
             load_adapter(pipe, source, adapters[source.file], model_cfg)
 
     # The grid: base row, then each LoRA alone at lora_scale.
-    if adapters:
-        pipe.disable_lora()
-    rows = [sample(pipe, full_prompts, [cfg.seed], **settings)]
-    if adapters:
-        pipe.enable_lora()
+    with without_adapter(pipe):
+        rows = [sample(pipe, full_prompts, [cfg.seed], **settings)]
     for source in loras:
         pipe.set_adapters([adapters[source.file]], [cfg.lora_scale])
         rows.append(sample(pipe, full_prompts, [cfg.seed], **settings))
@@ -166,10 +166,10 @@ def read_prompts(prompt: Optional[str], prompts_file: Optional[str]) -> list[str
 
 
 def load_run_config(run: str) -> DictConfig:
-    path = Path(run) / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise InputError(f"run={run}: not a training run dir (no .hydra/config.yaml)")
-    return OmegaConf.load(path)
+    try:
+        return read_run_config(run)
+    except FileNotFoundError as err:
+        raise InputError(f"run={err}") from None
 
 
 def resolve_lora(spec: str) -> LoraSource:
@@ -185,7 +185,7 @@ def resolve_lora(spec: str) -> LoraSource:
             "a diffusers .safetensors or a kohya .safetensors file)"
         )
     run = path.parent.parent
-    run_dir = run if path.parent.name == "lora" and (run / ".hydra" / "config.yaml").is_file() else None
+    run_dir = run if path.parent.name == "lora" and is_run(run) else None
     if run_dir is not None:
         name = run_dir.name if path.name == DIFFUSERS_FILE else f"{run_dir.name}/{path.name}"
     else:
@@ -197,7 +197,7 @@ def check_family(source: LoraSource, model_cfg: DictConfig) -> None:
     """A LoRA from one of our runs must meet a model of the family it was trained on."""
     if source.run_dir is None:
         return
-    trained = OmegaConf.load(source.run_dir / ".hydra" / "config.yaml").model
+    trained = read_run_config(source.run_dir).model
     if trained.family != model_cfg.family:
         raise InputError(
             f"LoRA {source.spec!r} was trained on {trained.family} ({trained.pretrained}) but the model is "

@@ -1,11 +1,18 @@
-"""The diffusion training objective: epsilon or v-prediction MSE, min-SNR-γ, noise offset."""
+"""The diffusion objective: epsilon or v-prediction MSE, min-SNR-γ, noise offset; the training
+loss of a batch at random timesteps and the validation loss at fixed ones.
+
+Plain values in (no config objects), so the trainer, evaluation and the benchmark share them.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import compute_snr
+
+from ghibli_lab.encode import batch_text, eval_mode, latent_distribution
+from ghibli_lab.runs import process_shard
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -74,3 +81,79 @@ def diffusion_loss(
     if snr_gamma is not None:
         loss = loss * min_snr_weights(compute_snr(scheduler, timesteps), snr_gamma, prediction_type)
     return loss
+
+
+def unet_prediction(pipe: DiffusionPipeline, noisy, timesteps, batch: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Run the UNet with the batch's text (and, for SDXL, size) conditioning."""
+    embeds, pooled = batch_text(pipe, batch, noisy.device)
+    kwargs = {}
+    if pooled is not None:
+        # SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop, target size.
+        res = noisy.shape[-1] * pipe.vae_scale_factor
+        n = noisy.shape[0]
+        target = torch.full((n, 2), res, device=noisy.device, dtype=torch.long)  # no host-to-device copy
+        time_ids = torch.cat([batch["original_size"].to(noisy.device), batch["crop_top_left"].to(noisy.device), target], dim=1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+    return pipe.unet(noisy, timesteps, encoder_hidden_states=embeds.to(dtype), **kwargs).sample
+
+
+def training_loss(
+    pipe: DiffusionPipeline,
+    batch: dict,
+    noise_scheduler: DDPMScheduler,
+    dtype: torch.dtype,
+    noise_offset: float = 0.0,
+    snr_gamma: float | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> torch.Tensor:
+    """Per-sample loss of one batch at random timesteps: noise or v-prediction MSE, optionally
+    min-SNR-γ weighted, with optional offset noise. ``shard`` = (process index, process count):
+    random draws are made for the global batch and sliced (see shard_randn)."""
+    dist = latent_distribution(pipe, batch)
+    device = pipe.unet.device
+    latents = dist.mean.to(device)
+    # A fresh posterior sample every step (mean + std * eps, as DiagonalGaussianDistribution.sample).
+    latents = latents + dist.std.to(device) * shard_randn(latents.shape, shard, device=device, dtype=latents.dtype)
+    latents = (latents * pipe.vae.config.scaling_factor).to(dtype)
+    noise = sample_noise(latents, noise_offset, shard=shard)
+    rank, world = shard
+    b = latents.shape[0]
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b * world,), device=latents.device)
+    timesteps = timesteps[rank * b : (rank + 1) * b]
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet_prediction(pipe, noisy, timesteps, batch, dtype)
+    return diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, snr_gamma)
+
+
+@torch.no_grad()
+def validation_loss(
+    pipe: DiffusionPipeline, val_batches: list[dict], noise_scheduler: DDPMScheduler, timesteps: list[int], seed: int
+) -> float | None:
+    """Mean unweighted loss on the held-out set at fixed ``timesteps`` with fixed noise.
+
+    The per-step training loss is dominated by the random timestep and shows no trend; this one
+    only changes when the model does (as kohya's validation loss). Its noise comes from its own
+    generators, so validating never changes the training trajectory. With several processes the
+    batches are split between them and the sums all-reduced.
+    """
+    if not val_batches:
+        return None
+    unet = pipe.unet
+    rank, world = process_shard()
+    total = torch.zeros(2, dtype=torch.float64, device=unet.device)  # loss sum, sample count
+    with eval_mode(pipe):
+        for index in range(rank, len(val_batches), world):  # each process takes every world-th batch
+            batch = val_batches[index]
+            # Noise seeded per batch, so the number is the same however the batches are sharded.
+            generator = torch.Generator("cpu").manual_seed(seed * 1_000_003 + index)
+            latents = batch["latents"].to(unet.device, unet.dtype)
+            for t in timesteps:
+                noise = torch.randn(latents.shape, generator=generator).to(latents)
+                steps = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
+                noisy = noise_scheduler.add_noise(latents, noise, steps)
+                pred = unet_prediction(pipe, noisy, steps, batch, unet.dtype)
+                loss = diffusion_loss(pred, latents, noise, steps, noise_scheduler, snr_gamma=None)
+                total += torch.stack([loss.sum().double(), torch.tensor(loss.numel(), dtype=torch.float64, device=loss.device)])
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item()

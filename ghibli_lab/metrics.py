@@ -21,15 +21,15 @@ builds small random seeded models in memory for tests.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-import socket
 import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-from ghibli_lab.pipeline import OfflineError, check_hub_resource, tiny_tokenizer
+from ghibli_lab.hub import OfflineError, check_hub_resource, reachable
+from ghibli_lab.pipeline import tiny_tokenizer
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # clean-fid 0.1.35, cleanfid/downloads_helper.py: `inception_url`.
@@ -360,7 +361,7 @@ def _download_inception(dest: Path) -> None:
         f"Download it where the network is reachable:\n    curl -L -o {INCEPTION_FILE} {INCEPTION_URL}\n"
         f"then put it in {dest.parent}/ or point at it: eval.inception_path=/path/to/{INCEPTION_FILE}"
     )
-    if not _url_reachable(INCEPTION_URL):
+    if not reachable(INCEPTION_URL):
         raise FeatureUnavailable(f"{unavailable} (offline). {advice}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{INCEPTION_FILE}.", suffix=".part")
@@ -372,17 +373,6 @@ def _download_inception(dest: Path) -> None:
     except OSError as e:  # URLError and socket timeouts are OSErrors
         Path(tmp).unlink(missing_ok=True)
         raise FeatureUnavailable(f"{unavailable} ({e}). {advice}") from e
-
-
-def _url_reachable(url: str, timeout: float = 3.0) -> bool:
-    """False in offline mode (HF_HUB_OFFLINE, the project's offline switch) or if the host is down."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection((urlparse(url).hostname, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _verified_sha256(path: Path) -> str:
@@ -416,6 +406,52 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
 # Metrics
 
 
+@dataclass
+class MetricInputs:
+    """What every metric is computed from; shared work (one feature pass for KID and FID) is done once."""
+
+    real: torch.Tensor  # uint8 [N, 3, H, W]
+    fake: torch.Tensor
+    prompts: list[str]  # one per fake image
+    fm: FeatureModels
+    kid_subset_size: int  # already clamped to the sample sizes
+    batch_size: int
+    seed: int
+
+    @functools.cached_property
+    def kid_fid(self) -> tuple[float, float, float]:
+        return _kid_and_fid(self.real, self.fake, self.fm.image, self.kid_subset_size, self.batch_size, self.seed)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One evaluation metric: its label, which way is better, and how to compute it."""
+
+    label: str
+    lower_is_better: bool
+    compute: Optional[Callable[[MetricInputs], float]]  # None: evaluation computes it from the pipeline
+    in_table: bool = True  # shown in tables, heatmaps and W&B panels (else kept in metrics.json only)
+
+
+HEADLINE = "kid"  # tables sort by it and the best run is picked by it (unbiased at small N)
+# The registry: evaluation computes, and the tables and the report show, exactly these, in this order.
+# A new metric is one entry here.
+METRICS: dict[str, Metric] = {
+    "kid": Metric("KID", True, lambda x: x.kid_fid[0]),
+    "kid_std": Metric("KID spread over subsets", True, lambda x: x.kid_fid[1], in_table=False),
+    "fid": Metric("FID", True, lambda x: x.kid_fid[2]),
+    "clip_score": Metric("CLIP score", False, lambda x: clip_score(x.fake, x.prompts, x.fm, x.batch_size)),
+    "style_sim": Metric("style similarity", False, lambda x: style_similarity(x.real, x.fake, x.fm, x.batch_size)),
+    # The fixed-timestep loss on the held-out images: needs the model, so evaluate.py computes it.
+    "val_loss": Metric("held-out val loss", True, None),
+}
+
+
+def fmt(value) -> str:
+    """A metric value as tables print it: 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def compute_image_metrics(
     real: torch.Tensor,
     fake: torch.Tensor,
@@ -425,7 +461,8 @@ def compute_image_metrics(
     batch_size: int = 32,
     seed: int = 0,
 ) -> dict:
-    """KID, FID, CLIP score and style similarity of ``fake`` against ``real`` (uint8 [N, 3, H, W]).
+    """Every image metric of ``METRICS`` for ``fake`` against ``real`` (uint8 [N, 3, H, W]), and
+    the sample sizes behind them.
 
     ``prompts`` has one prompt per fake image. KID's subset size is clamped to the sample sizes;
     its subsets are drawn from a generator seeded by ``seed`` (the global RNG is left untouched).
@@ -433,19 +470,15 @@ def compute_image_metrics(
     _check_inputs(real, fake, prompts)
     n_real, n_fake = len(real), len(fake)
     subset = min(kid_subset_size, n_real, n_fake)
-    kid, kid_std, fid = _kid_and_fid(real, fake, fm.image, subset, batch_size, seed)
-    n = min(n_real, n_fake)
+    inputs = MetricInputs(real, fake, prompts, fm, subset, batch_size, seed)
+    values = {name: metric.compute(inputs) for name, metric in METRICS.items() if metric.compute is not None}
     return {
-        "kid": kid,
-        "kid_std": kid_std,
-        "fid": fid,
-        "clip_score": clip_score(fake, prompts, fm, batch_size),
-        "style_sim": style_similarity(real, fake, fm, batch_size),
+        **values,
         "n_real": n_real,
         "n_fake": n_fake,
         "kid_subset_size": subset,
         "kid_subset_clamped": subset < kid_subset_size,
-        "fid_n_warning": _fid_n_warning(n),
+        "fid_n_warning": _fid_n_warning(min(n_real, n_fake)),
     }
 
 

@@ -7,11 +7,6 @@ weights are random, seeded and built in code, so tests and the demo need no down
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-from urllib.parse import urlparse
-
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -28,13 +23,27 @@ from omegaconf import DictConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from ghibli_lab.hub import OfflineError, check_hub_resource
+
 PIPELINE_CLASSES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 TINY_SEED = 0  # fixed, so the "base model" is the same in every run and every sweep
 
 
-class OfflineError(RuntimeError):
-    """A hub resource is needed, is not cached locally, and the hub can't be reached."""
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def is_sdxl(pipe: DiffusionPipeline) -> bool:
+    """SDXL (two text encoders, pooled embeddings, size conditioning) rather than SD 1.5."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The frozen weights' dtype for ``train.mixed_precision`` on ``device``."""
+    dtype = DTYPES[mixed_precision]
+    if device.type == "cpu" and dtype == torch.float16:
+        return torch.float32  # CPU fp16 kernels are slow or missing; accelerate runs fp32 anyway
+    return dtype
 
 
 def load_pipeline(model_cfg: DictConfig, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
@@ -73,42 +82,6 @@ def sampling_scheduler(pipe: DiffusionPipeline, name: str):
 def training_scheduler(pipe: DiffusionPipeline) -> DDPMScheduler:
     """The model's training noise schedule (betas, prediction type) as a DDPM scheduler."""
     return DDPMScheduler.from_config(pipe.scheduler.config)
-
-
-# ----------------------------------------------------------------------------------------------
-# Offline checks: fail in about a second with a useful message instead of hanging on the hub.
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def check_hub_resource(name: str, repo_type: str, key: str, probe_file: str) -> None:
-    """Pass if ``name`` is a local directory, is in the HF cache, or the hub is reachable."""
-    if Path(name).expanduser().is_dir():
-        return
-    if name.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"{key}={name!r}: no such directory")
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(name, probe_file, repo_type=repo_type)
-    if isinstance(cached, str) or hub_reachable():
-        return
-    kind = "dataset" if repo_type == "dataset" else "model"
-    raise OfflineError(
-        f"{key}={name!r} is a Hugging Face hub {kind} id, it is not in the local cache, and the hub "
-        f"can't be reached (offline). Download it where the hub is reachable, e.g.\n"
-        f"    huggingface-cli download {'--repo-type dataset ' if kind == 'dataset' else ''}{name} "
-        f"--local-dir /path/to/{name.split('/')[-1]}\n"
-        f"then point at the copy: {key}=/path/to/{name.split('/')[-1]}"
-    )
 
 
 # ----------------------------------------------------------------------------------------------

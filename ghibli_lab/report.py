@@ -42,22 +42,17 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ghibli_lab.config import CONF_DIR, register_configs
-from ghibli_lab.evaluate import find_runs, fmt  # noqa: E402
+from ghibli_lab.config import CONF_DIR, register_configs  # noqa: E402
+from ghibli_lab.metrics import HEADLINE, METRICS, fmt  # noqa: E402
+from ghibli_lab.runs import find_runs, load_run_config  # noqa: E402
 from ghibli_lab.sampling import image_grid  # noqa: E402
 from ghibli_lab.tracking import wandb_mode  # noqa: E402
 
 log = logging.getLogger(__name__)
 register_configs()
 
-# Evaluation metrics as evaluate.py writes them: key -> (label, lower is better).
-EVAL_METRICS = {
-    "kid": ("KID", True),
-    "fid": ("FID", True),
-    "clip_score": ("CLIP score", False),
-    "style_sim": ("style similarity", False),
-    "val_loss": ("held-out val loss", True),
-}
+# Evaluation metrics as evaluate.py writes them (the registry in metrics.py): key -> (label, lower is better).
+EVAL_METRICS = {k: (m.label, m.lower_is_better) for k, m in METRICS.items() if m.in_table}
 # Before evaluation, the one number every run has: its final held-out loss from training.
 TRAIN_METRICS = {"val/loss": ("final val/loss (training)", True)}
 
@@ -131,7 +126,7 @@ def report(cfg: DictConfig) -> Path:
 
 
 def load_run(path: Path, eval_name: Optional[str]) -> Run:
-    cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
+    cfg = load_run_config(path)
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException:  # e.g. an ${oc.env:...} that is unset here
@@ -534,9 +529,9 @@ def eval_table(runs: list[Run], keys: list[str]) -> str:
             bases.setdefault(r.eval["protocol"].get("base_images"), (r, r.eval["base"]))
     for i, (r, values) in enumerate(bases.values()):
         rows.append(("base", "base model" if len(bases) == 1 else f"base model ({r.name})", None, values))
-    rows.sort(key=lambda row: num(row[3].get("kid")))
-    best = min((row for row in rows if row[0] == "run"), key=lambda row: num(row[3].get("kid")))
-    header = ["run", *keys, "KID ± std", "FID", "CLIP score", "style sim.", "val loss"]
+    rows.sort(key=lambda row: num(row[3].get(HEADLINE)))
+    best = min((row for row in rows if row[0] == "run"), key=lambda row: num(row[3].get(HEADLINE)))
+    header = ["run", *keys, *(label for label, _ in EVAL_METRICS.values())]
     out = ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
     for kind, label, run, values in rows:
         is_best = row_is(best, kind, label)
@@ -544,8 +539,7 @@ def eval_table(runs: list[Run], keys: list[str]) -> str:
         mark = "★ best: " if is_best else ""
         cells = [f'<td class="name">{mark}{e(label)}</td>']
         cells += [f"<td>{e(show(axis_value(run, k))) if run else ''}</td>" for k in keys]
-        kid = f"{cell(values.get('kid'))} ± {cell(values.get('kid_std'))}"
-        cells += [f"<td>{kid}</td>"] + [f"<td>{cell(values.get(k))}</td>" for k in ("fid", "clip_score", "style_sim", "val_loss")]
+        cells += [f"<td>{cell(values.get(k))}</td>" for k in EVAL_METRICS]
         out.append(f"<tr{css}>" + "".join(cells) + "</tr>")
     out.append("</table>")
     out.append('<p class="caption">Sorted by KID, lower is better. The best run (lowest KID) is marked ★.</p>')

@@ -9,6 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
+from ghibli_lab.adapters import without_adapter
 from ghibli_lab.pipeline import sampling_scheduler
 
 
@@ -67,9 +68,8 @@ def save_samples(
     """Write a 2-row grid (base model on top, LoRA below) over every (prompt, seed) column, and a
     JSON file beside it naming the columns and the sampling settings."""
     settings = dict(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, resolution=resolution)
-    pipe.disable_lora()
-    base = generate(pipe, prompts, seeds, **settings)
-    pipe.enable_lora()
+    with without_adapter(pipe):
+        base = generate(pipe, prompts, seeds, **settings)
     lora = generate(pipe, prompts, seeds, **settings)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     image_grid([base, lora], labels=["base", "LoRA"]).save(out_path)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 WANDB_HOST = "https://api.wandb.ai"
 
@@ -116,6 +117,38 @@ class Tracker:
             self.run.finish(exit_code=exit_code)
             self.run = None
         self.active = False
+
+
+@contextmanager
+def tracking(
+    run_dir: Path, cfg: DictConfig, group: str | None, name: str | None, active: bool, resume_id: str | None = None
+) -> Iterator[Tracker]:
+    """A Tracker for a training run, always finished: with exit code 1 if the block raises."""
+    tracker = Tracker(
+        run_dir,
+        cfg.logger,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        group=group,
+        name=name or Path(run_dir).name,
+        active=active,
+        resume_id=resume_id,
+    )
+    try:
+        yield tracker
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop the rows a resumed run will write again (logged after its checkpoint)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:

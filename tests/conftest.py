@@ -14,7 +14,7 @@ os.environ.pop("WANDB_API_KEY", None)
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ghibli_lab.config import register_configs
 
@@ -40,6 +40,12 @@ def compose_train(overrides: list[str] | None = None, config_name: str = "train"
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(config_name, overrides=overrides or [])
+
+
+def group_option(schema, group: str, option: str, **overrides) -> DictConfig:
+    """``conf/<group>/<option>.yaml`` checked against its schema, with ``overrides``: one config
+    group's node as the trainer receives it (the schemas hold no defaults; the YAML does)."""
+    return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), overrides)
 
 
 @pytest.fixture

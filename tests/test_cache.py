@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from ghibli_lab.cache import CachedDataset, encode_records, fingerprint
 from ghibli_lab.data import load_records
 from ghibli_lab.pipeline import build_tiny_pipeline
-from ghibli_lab.train import encode_text, train
+from ghibli_lab.encode import encode_text
+from ghibli_lab.train import train
 
 
 def read_losses(run_dir):

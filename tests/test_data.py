@@ -29,10 +29,12 @@ from ghibli_lab.data import (
     split_records,
 )
 
+from .conftest import group_option
+
 
 def make_cfg(**overrides):
     fields = {"name": "test", "source": "folder", "resolution": 64, **overrides}
-    return OmegaConf.structured(DatasetConfig(**fields))
+    return group_option(DatasetConfig, "dataset", "folder", **fields)
 
 
 def fake_records(n: int) -> list[Record]:

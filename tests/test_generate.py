@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ghibli_lab.generate import InputError, generate, grid_tile
-from ghibli_lab.lora import KOHYA_FILE
+from ghibli_lab.adapters import KOHYA_FILE
 from ghibli_lab.train import train
 
 from .conftest import compose_train

@@ -12,8 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ghibli_lab.config import LoraConfig
-from ghibli_lab.lora import DIFFUSERS_FILE, KOHYA_FILE, adapted_models, attach_lora, load_lora, save_lora
+from ghibli_lab.adapters import DIFFUSERS_FILE, KOHYA_FILE, adapted_models, attach_lora, load_lora, save_lora
 from ghibli_lab.pipeline import build_tiny_pipeline
+
+from .conftest import group_option
 
 RANK, ALPHA = 4, 16  # alpha != rank on purpose: a loader that ignores alpha gives another image
 PROMPT = "a watercolor hill"
@@ -23,7 +25,7 @@ PROMPT = "a watercolor hill"
 def lora_cfg(**overrides):
     """A full LoraConfig (the schema's keys) as the trainer receives it."""
     fields = {"rank": RANK, "alpha": ALPHA, "text_encoder": True, **overrides}
-    return OmegaConf.structured(LoraConfig(**fields))
+    return group_option(LoraConfig, "lora", "r8a8", **fields)
 
 
 def generate(pipe):

@@ -190,7 +190,7 @@ def test_clean_resize_is_float_bicubic_and_keeps_flat_colours():
 
 def test_inception_offline_names_the_file_the_folder_and_the_url(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(metrics, "_url_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(metrics, "reachable", lambda url, timeout=3.0: False)
     with pytest.raises(FeatureUnavailable) as err:
         load_feature_models("inception", cache_dir=tmp_path)
     message = str(err.value)
@@ -202,7 +202,7 @@ def test_a_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
     def refuse(url, timeout=None):
         raise urllib.error.URLError("connection refused")
 
-    monkeypatch.setattr(metrics, "_url_reachable", lambda url, timeout=3.0: True)
+    monkeypatch.setattr(metrics, "reachable", lambda url, timeout=3.0: True)
     monkeypatch.setattr(metrics.urllib.request, "urlopen", refuse)
     with pytest.raises(FeatureUnavailable, match="connection refused"):
         load_feature_models("inception", cache_dir=tmp_path)
@@ -222,7 +222,7 @@ def test_inception_path_downloads_verifies_and_runs_clean_fid_input(tmp_path, mo
     stand_in = save_stand_in(tmp_path / "elsewhere" / INCEPTION_FILE)
     payload = stand_in.read_bytes()
     monkeypatch.setattr(metrics, "INCEPTION_SHA256", file_sha256(stand_in))
-    monkeypatch.setattr(metrics, "_url_reachable", lambda url, timeout=3.0: True)
+    monkeypatch.setattr(metrics, "reachable", lambda url, timeout=3.0: True)
     monkeypatch.setattr(metrics.urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(payload))
 
     fm = load_feature_models("inception", cache_dir=tmp_path / "cache", clip_model=str(tiny_clip_dir))

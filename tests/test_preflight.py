@@ -29,6 +29,8 @@ from ghibli_lab.data import (
     write_data_report,
 )
 
+from .conftest import group_option
+
 RES = 64
 TRUNCATED = "truncated image"
 NOT_AN_IMAGE = "not an image (cannot identify image file)"
@@ -36,7 +38,7 @@ NOT_AN_IMAGE = "not an image (cannot identify image file)"
 
 def make_cfg(path, **overrides):
     fields = {"name": "test", "source": "folder", "path": str(path), "resolution": RES, **overrides}
-    return OmegaConf.structured(DatasetConfig(**fields))
+    return group_option(DatasetConfig, "dataset", "folder", **fields)
 
 
 def noise(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from ghibli_lab import checkpoint
-from ghibli_lab.train import PREEMPTED_EXIT, train
+from ghibli_lab.loop import PREEMPTED_EXIT
+from ghibli_lab.train import train
 
 from .conftest import ROOT, compose_train
 

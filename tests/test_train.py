@@ -17,9 +17,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ghibli_lab.data import ImageCaptionDataset, collate, load_records
-from ghibli_lab.lora import attach_lora
+from ghibli_lab.adapters import attach_lora
 from ghibli_lab.pipeline import OfflineError, build_tiny_pipeline, training_scheduler
-from ghibli_lab.train import encode_validation_set, train, training_loss, validation_loss
+from ghibli_lab.encode import encode_validation_set
+from ghibli_lab.loss import training_loss, validation_loss
+from ghibli_lab.train import train
 
 
 
@@ -68,14 +70,14 @@ def test_overfitting_one_batch_lowers_fixed_timestep_loss(tiny_cfg, tmp_path):
     records = load_records(cfg.dataset, cfg.cache_dir)[:4]
     fixed = encode_validation_set(pipe, ImageCaptionDataset(records, cfg.dataset.resolution, True, False), batch_size=4)
     train_batch = collate([ImageCaptionDataset(records, cfg.dataset.resolution, True, False)[i] for i in range(4)])
-    before = validation_loss(pipe, fixed, scheduler, cfg)
+    before = validation_loss(pipe, fixed, scheduler, list(cfg.train.val_timesteps), cfg.seed)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     for _ in range(30):
-        loss = training_loss(pipe, train_batch, scheduler, torch.float32, cfg).mean()
+        loss = training_loss(pipe, train_batch, scheduler, torch.float32, cfg.train.noise_offset, cfg.train.snr_gamma).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    after = validation_loss(pipe, fixed, scheduler, cfg)
+    after = validation_loss(pipe, fixed, scheduler, list(cfg.train.val_timesteps), cfg.seed)
     assert after < 0.7 * before, (before, after)
 
 

@@ -1,4 +1,7 @@
-"""Attach LoRA adapters, and save them in the two formats people load.
+"""Adapters: attach, save (in the formats people load), load, and switch off.
+
+The one module that knows what an adapter is. A new adapter type is an entry in ``ADAPTER_TYPES``
+(the extra ``peft.LoraConfig`` fields it sets) plus a ``conf/lora/<name>.yaml`` with that ``type``.
 
 - ``pytorch_lora_weights.safetensors``: diffusers/PEFT format, for ``load_lora_weights``.
 - ``lora_kohya.safetensors``: ``lora_unet_*`` / ``lora_te*_*`` keys with ``.alpha``, the format
@@ -7,7 +10,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from diffusers import DiffusionPipeline
@@ -17,18 +22,29 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from ghibli_lab.pipeline import is_sdxl
+
 ADAPTER = "default"  # name PEFT gives the adapter we train
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# lora.type -> the peft.LoraConfig fields that make it that type (on top of rank, alpha, dropout).
+ADAPTER_TYPES: dict[str, dict] = {"lora": {}}
+
+
+def check_adapter(lora_cfg: DictConfig) -> None:
+    """Fail before any model loads when ``lora.type`` names no adapter type."""
+    if lora_cfg.type not in ADAPTER_TYPES:
+        raise ValueError(f"lora.type={lora_cfg.type!r} is not one of {', '.join(map(repr, ADAPTER_TYPES))}")
 
 
 def attach_lora(pipe: DiffusionPipeline, lora_cfg: DictConfig) -> list[torch.nn.Parameter]:
     """Freeze every weight, add LoRA to the UNet (and text encoders if asked); return the LoRA params."""
+    check_adapter(lora_cfg)
     for name in ("unet", "vae", *TEXT_ENCODERS):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
-    common = dict(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout)
+    common = dict(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, **ADAPTER_TYPES[lora_cfg.type])
     # Gaussian A and zero B (as in the diffusers LoRA scripts): the adapter starts as a no-op.
     pipe.unet.add_adapter(
         LoraConfig(init_lora_weights="gaussian", target_modules=list(lora_cfg.target_modules), **common)
@@ -84,7 +100,7 @@ def kohya_state_dict(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
     diffusers' convert_state_dict_to_kohya writes every ``.alpha`` as the rank, because a PEFT
     state dict carries no alpha; with alpha != rank that file would load as a different adapter.
     """
-    sd15 = not hasattr(pipe, "text_encoder_2")
+    sd15 = not is_sdxl(pipe)
     out = {}
     for name, model in adapted_models(pipe).items():
         peft_sd = {f"{name}.{k}": v for k, v in get_peft_model_state_dict(model).items()}
@@ -105,7 +121,7 @@ def kohya_state_dict(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
 def kohya_metadata(pipe: DiffusionPipeline) -> dict[str, str]:
     """The ``ss_*`` header fields kohya's scripts write; UIs show them and some read dim/alpha."""
     config = pipe.unet.peft_config[ADAPTER]
-    sdxl = hasattr(pipe, "text_encoder_2")
+    sdxl = is_sdxl(pipe)
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.r),
@@ -123,3 +139,32 @@ def load_lora(pipe: DiffusionPipeline, path: str | Path, adapter_name: str = ADA
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file at {path}")
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+
+
+def has_adapter(pipe: DiffusionPipeline) -> bool:
+    """Whether any component carries a PEFT adapter."""
+    return any(getattr(c, "peft_config", None) for c in pipe.components.values() if isinstance(c, torch.nn.Module))
+
+
+@contextmanager
+def without_adapter(pipe: DiffusionPipeline) -> Iterator[DiffusionPipeline]:
+    """The base model inside the block: every adapter disabled, and enabled again after it, even
+    on an error (a disabled adapter that stays disabled scores every later run as the base)."""
+    if not has_adapter(pipe):
+        yield pipe
+        return
+    pipe.disable_lora()
+    try:
+        yield pipe
+    finally:
+        pipe.enable_lora()
+
+
+@contextmanager
+def loaded_adapter(pipe: DiffusionPipeline, path: str | Path, adapter_name: str = ADAPTER) -> Iterator[DiffusionPipeline]:
+    """``pipe`` with the adapter file at ``path`` loaded inside the block, unloaded after it."""
+    load_lora(pipe, path, adapter_name=adapter_name)
+    try:
+        yield pipe
+    finally:
+        pipe.unload_lora_weights()

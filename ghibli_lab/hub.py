@@ -1,0 +1,60 @@
+"""Is a hub model or dataset usable here: a local directory, the local HF cache, or a reachable hub.
+
+Offline, a hub id fails in about a second with the command to download it and the override to
+use instead, rather than hanging on the network. No heavy imports: data loading and the feature
+networks use it too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+HUB_URL = "https://huggingface.co"
+
+
+class OfflineError(RuntimeError):
+    """A hub resource is needed, is not cached locally, and the hub can't be reached."""
+
+
+def offline_mode() -> bool:
+    """``HF_HUB_OFFLINE=1``: the project's offline switch, for the hub and any other download."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """False in offline mode or when ``url``'s host does not accept a connection in ``timeout`` s."""
+    if offline_mode():
+        return False
+    try:
+        socket.create_connection((urlparse(url).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    return reachable(os.environ.get("HF_ENDPOINT", HUB_URL), timeout)
+
+
+def check_hub_resource(name: str, repo_type: str, key: str, probe_file: str) -> None:
+    """Pass if ``name`` is a local directory, is in the HF cache, or the hub is reachable."""
+    if Path(name).expanduser().is_dir():
+        return
+    if name.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"{key}={name!r}: no such directory")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, probe_file, repo_type=repo_type)
+    if isinstance(cached, str) or hub_reachable():
+        return
+    kind = "dataset" if repo_type == "dataset" else "model"
+    raise OfflineError(
+        f"{key}={name!r} is a Hugging Face hub {kind} id, it is not in the local cache, and the hub "
+        f"can't be reached (offline). Download it where the hub is reachable, e.g.\n"
+        f"    huggingface-cli download {'--repo-type dataset ' if kind == 'dataset' else ''}{name} "
+        f"--local-dir /path/to/{name.split('/')[-1]}\n"
+        f"then point at the copy: {key}=/path/to/{name.split('/')[-1]}"
+    )

@@ -1,0 +1,123 @@
+"""The pieces of a training step: accelerator, model preparation, loader, optimizer and schedule,
+gradient averaging across processes, and ``optimizer_step``, which the trainer and the benchmark
+both call, so the benchmark times the trainer's own step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from diffusers import DiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from ghibli_lab.adapters import adapted_models
+from ghibli_lab.data import collate
+from ghibli_lab.encode import set_train_mode
+from ghibli_lab.pipeline import is_sdxl, weight_dtype
+
+
+def make_accelerator(mixed_precision: str, grad_accum: int = 1, seed: int | None = None) -> tuple[Accelerator, torch.dtype]:
+    """A fresh Accelerator and the frozen weights' dtype. Hydra runs multirun jobs in one process,
+    and accelerate's state is a per-process singleton: it is reset first."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+    if seed is not None:
+        set_seed(seed)
+    return accelerator, weight_dtype(mixed_precision, accelerator.device)
+
+
+def prepare_for_training(pipe: DiffusionPipeline, train_cfg: DictConfig, device: torch.device, dtype: torch.dtype, stock_vae: bool) -> None:
+    """Frozen weights in ``dtype`` on ``device``; adapter weights stay fp32, so the optimizer never
+    sees fp16 gradients ("Attempting to unscale FP16 gradients"); speed and memory switches."""
+    models = adapted_models(pipe)
+    pipe.to(device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    if dtype == torch.float16 and stock_vae and is_sdxl(pipe):
+        pipe.vae.to(dtype=torch.float32)  # the stock SDXL VAE overflows in fp16 (NaNs, black images)
+    set_train_mode(pipe, True)
+    cast_training_params(list(models.values()), dtype=torch.float32)
+    if device.type == "cuda":
+        # TF32 tensor cores for the fp32 matmuls (LoRA weights, optimizer); bf16 ones are unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if train_cfg.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if train_cfg.compile:
+        pipe.unet.compile()  # in place: the pipeline (sampling, saving) keeps the same module
+    if train_cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for name, model in models.items():
+            if name != "unet":
+                model.gradient_checkpointing_enable()
+
+
+def make_loader(dataset: Dataset, train_cfg: DictConfig, generator: torch.Generator) -> DataLoader:
+    """Shuffled batches whose order depends only on ``generator`` (reseeded per epoch by the loop)."""
+    return DataLoader(
+        dataset,
+        batch_size=train_cfg.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=train_cfg.num_workers,
+        drop_last=len(dataset) >= train_cfg.batch_size,
+        generator=generator,
+    )
+
+
+def total_steps(train_cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps in the run, optimizer steps per epoch)."""
+    per_epoch = math.ceil(batches_per_epoch / train_cfg.grad_accum)
+    return train_cfg.max_steps or train_cfg.epochs * per_epoch, per_epoch
+
+
+def make_optimizer(params: list[torch.nn.Parameter], train_cfg: DictConfig, device: torch.device, max_steps: int):
+    """AdamW over ``params`` and its learning-rate schedule."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=train_cfg.lr,
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        eps=train_cfg.adam_eps,
+        weight_decay=train_cfg.weight_decay,
+        fused=device.type == "cuda",  # one kernel for all adapter tensors instead of one per tensor
+    )
+    lr_scheduler = get_scheduler(
+        train_cfg.lr_scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=max_steps
+    )
+    return optimizer, lr_scheduler
+
+
+def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Mean of the adapter gradients over all processes, in one all-reduce (a no-op with one).
+
+    The models are not DDP-wrapped: the forward runs under accelerate's autocast and these small
+    gradients are averaged explicitly."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def optimizer_step(
+    loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer, accelerator: Accelerator, max_grad_norm: float
+) -> None:
+    """Backward; at the end of an accumulation window average across processes and clip; step.
+    Nothing here waits on the device except what accelerate's grad scaler does under fp16."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        average_gradients(params, accelerator)
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
