@@ -138,12 +138,13 @@ class EvalConfig:
     features: str = MISSING  # inception | clip | tiny | auto (tiny for tiny models, else inception)
     scheduler: str = MISSING  # ddpm | ddim
     steps: int = MISSING
-    images_per_prompt: int = MISSING  # per held-out caption, at seeds seed .. seed + images_per_prompt - 1
+    images_per_prompt: int = MISSING  # per held-out caption, each at its own seed (1: N_fake = N_real)
     seed: int = MISSING
     resolution: Optional[int] = MISSING  # null: the run's training resolution
     kid_subset_size: int = MISSING  # clamped to N (and reported) when N is smaller
     clip_model: str = MISSING  # hub id or local dir
     inception_path: Optional[str] = MISSING  # null: <cache_dir>/features/inception-2015-12-05.pt
+    bootstrap_draws: int = MISSING  # paired bootstrap draws for the LoRA - base intervals
 
 
 @dataclass

@@ -13,6 +13,9 @@ import csv
 import hashlib
 import json
 import logging
+import math
+import os
+import shutil
 from importlib.metadata import version
 from pathlib import Path
 
@@ -29,9 +32,22 @@ from ghibli_lab.adapters import loaded_adapter, without_adapter
 from ghibli_lab.config import CONF_DIR, register_configs
 from ghibli_lab.data import ImageCaptionDataset, load_image, load_split, prepare_image
 from ghibli_lab.encode import encode_validation_set, eval_mode
-from ghibli_lab.hub import OfflineError
+from ghibli_lab.hub import OfflineError, model_fingerprint
 from ghibli_lab.loss import validation_loss
-from ghibli_lab.metrics import HEADLINE, METRICS, FeatureUnavailable, compute_image_metrics, fmt, load_feature_models
+from ghibli_lab.metrics import (
+    HEADLINE,
+    METRICS,
+    FeatureUnavailable,
+    Sample,
+    best_run,
+    interval_text,
+    extract_features,
+    fmt,
+    load_feature_models,
+    paired_differences,
+    sample_sizes,
+    score,
+)
 from ghibli_lab.pipeline import load_pipeline, training_scheduler
 from ghibli_lab.runs import find_runs, load_run_config
 from ghibli_lab.sampling import generate
@@ -41,7 +57,7 @@ log = logging.getLogger(__name__)
 register_configs()
 
 METRIC_KEYS = tuple(METRICS)  # what metrics.json holds per side, in the registry's order
-BASE_CACHE_VERSION = 1  # bump when the way base images are generated changes
+BASE_CACHE_VERSION = 2  # bump when the way base images are generated changes
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "torchmetrics")
 
 
@@ -51,11 +67,10 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
     root = Path(cfg.run_dir).resolve()
     runs = find_runs(root)
     e = cfg.eval
-    if e.images_per_prompt < 1 or e.steps < 1:
-        raise ValueError("eval.images_per_prompt and eval.steps must be >= 1")
+    if e.images_per_prompt < 1 or e.steps < 1 or e.bootstrap_draws < 100:
+        raise ValueError("eval.images_per_prompt and eval.steps must be >= 1, eval.bootstrap_draws >= 100")
     if e.features not in ("auto", "inception", "clip", "tiny") or e.scheduler not in ("ddpm", "ddim"):
         raise ValueError(f"eval.features must be auto|inception|clip|tiny and eval.scheduler ddpm|ddim, got {e.features!r}, {e.scheduler!r}")
-    seeds = [e.seed + i for i in range(e.images_per_prompt)]
     pipes, features, results = {}, {}, []
     for run in tqdm(runs, desc="evaluate", disable=len(runs) == 1):
         train_cfg = load_run_config(run)
@@ -64,74 +79,101 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         kind = e.features if e.features != "auto" else ("tiny" if train_cfg.model.pretrained == "tiny" else "inception")
         cache_dir = Path(cfg.cache_dir or train_cfg.cache_dir).resolve()
         if kind not in features:  # before any model loads, so a missing feature file fails fast
-            features[kind] = load_feature_models(kind, cache_dir, clip_model=e.clip_model, inception_path=e.inception_path)
+            features[kind] = load_feature_models(kind, cache_dir, clip_model=e.clip_model, inception_path=e.inception_path, device=device())
         fm = features[kind]
 
         # The same records training used: its preflight is deterministic, so the split is the same.
         holdout = load_split(train_cfg.dataset, train_cfg.cache_dir).holdout
-        if not holdout:
-            raise ValueError(f"{run}: the run held out no images (dataset.holdout_fraction=0); nothing to evaluate on")
+        if len(holdout) < 2:
+            raise ValueError(f"{run}: the run held out {len(holdout)} image(s); evaluation needs at least 2 (dataset.holdout_fraction)")
         resolution = e.resolution or train_cfg.dataset.resolution
         settings = dict(scheduler=e.scheduler, steps=e.steps, guidance_scale=float(cfg.guidance.scale), resolution=resolution)
-        prompts = [r.caption for r in holdout]
-        prompt_per_image = [p for p in prompts for _ in seeds]
+        prompts = [r.caption for r in holdout]  # as trained: with the trigger prefix
+        k = e.images_per_prompt
+        # Independent samples: every image its own seed; LoRA and base share them, image for image.
+        seeds = [[e.seed + i * k + j for j in range(k)] for i in range(len(prompts))]
+        prompt_of = torch.arange(len(prompts)).repeat_interleave(k)
+        prefix = train_cfg.dataset.caption_prefix
+        clip_texts = [strip_prefix(prompts[i], prefix) for i in prompt_of.tolist()]
         real = torch.stack([to_uint8(prepare_image(load_image(r), resolution, True, False)[0]) for r in holdout])
 
-        model_key = json.dumps(OmegaConf.to_container(train_cfg.model), sort_keys=True)
+        fingerprint = model_fingerprint(train_cfg.model)
+        model_key = json.dumps(fingerprint, sort_keys=True)
         if model_key not in pipes:
             pipes = {model_key: load_pipeline(train_cfg.model).to(device())}  # one model in memory at a time
         pipe = pipes[model_key]
         out_dir = run / "eval" / name if name else run / "eval"
 
-        # Base images depend only on (model, split, sampling settings, seeds): generate them once
-        # per sweep (and for later sweeps on the same data) from a content-keyed cache.
-        base_key = cache_key(model_key, holdout, settings, seeds)
+        # Base images depend only on (model weights, split, sampling settings, seeds, libraries,
+        # device): generated once per sweep (and for later sweeps) into a content-keyed cache.
+        base_key = cache_key(fingerprint, holdout, settings, seeds)
         base_dir = cache_dir / "eval_base" / base_key
-        if not (base_dir / "done").exists():
-            with eval_mode(pipe):
-                write_pngs(generate(pipe, prompts, seeds, **settings), base_dir)
-            (base_dir / "done").write_text(json.dumps({"prompts": prompts, "seeds": seeds, **settings}))
+        base_status = ensure_base_images(pipe, base_dir, prompts, seeds, settings, real)
         base = read_pngs(base_dir)
 
         noise_scheduler = training_scheduler(pipe)
-        val_timesteps, val_seed = list(train_cfg.train.val_timesteps), train_cfg.seed
+        val_args = (noise_scheduler, list(train_cfg.train.val_timesteps), train_cfg.seed)
+        # The training run's own batching, so the fixed noise and the number match its val/loss.
+        val_set = ImageCaptionDataset(holdout, train_cfg.dataset.resolution, center_crop=True, random_flip=False)
         with loaded_adapter(pipe, run / "lora", adapter_name="candidate"):
             with eval_mode(pipe):
-                write_pngs(generate(pipe, prompts, seeds, **settings), out_dir / "images" / "lora")
-            # The training run's own batching, so the fixed noise and the number match its val/loss.
-            val_set = ImageCaptionDataset(holdout, train_cfg.dataset.resolution, center_crop=True, random_flip=False)
+                write_pngs(generate(pipe, prompts, seeds, **settings), out_dir / "images" / "lora", clear=True)
             val_batches = encode_validation_set(pipe, val_set, train_cfg.train.batch_size)
-            lora_val = validation_loss(pipe, val_batches, noise_scheduler, val_timesteps, val_seed)
+            lora_val = validation_loss(pipe, val_batches, *val_args, per_sample=True)
             with without_adapter(pipe):
-                base_val = validation_loss(pipe, val_batches, noise_scheduler, val_timesteps, val_seed)
+                base_val = validation_loss(pipe, val_batches, *val_args, per_sample=True)
         lora = read_pngs(out_dir / "images" / "lora")  # metrics on exactly what is on disk (8-bit PNG)
 
-        metrics = {}
-        for label, fake, val in (("lora", lora, lora_val), ("base", base, base_val)):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # KID draws random subsets: same subsets for every run
-                m = compute_image_metrics(real, fake, prompt_per_image, fm, kid_subset_size=e.kid_subset_size)
-            metrics[label] = {k: m[k] for k in METRIC_KEYS if k in m} | {"val_loss": val}
+        real_features = extract_features(real, fm)
+        subset = min(e.kid_subset_size, len(real), len(lora))
+        samples = {
+            side: Sample(
+                real_features, extract_features(images, fm, texts=clip_texts), prompt_of=prompt_of,
+                val_loss=val[0], val_losses=val[1], kid_subset_size=subset, seed=e.seed,
+            )
+            for side, images, val in (("lora", lora, lora_val), ("base", base, base_val))
+        }
+        metrics = {side: score(sample) for side, sample in samples.items()}
+        paired = paired_differences(samples["lora"], samples["base"], draws=e.bootstrap_draws, seed=e.seed)
+        sizes = sample_sizes(len(real), len(lora), e.kid_subset_size)
         protocol = {
-            "n_real": m["n_real"],
-            "n_fake": m["n_fake"],
-            "kid_subset_size": m["kid_subset_size"],
-            "kid_subset_clamped": m["kid_subset_clamped"],
-            "fid_warning": m["fid_n_warning"],
+            "n_real": sizes["n_real"],
+            "n_fake": sizes["n_fake"],
+            "images_per_prompt": k,
+            "kid_subset_size": sizes["kid_subset_size"],
+            "kid_subset_clamped": sizes["kid_subset_clamped"],
+            "kid_subsets": samples["lora"].kid_subsets,
+            "kid_kernel": "polynomial (x·y/d + 1)^3",
+            "fid_warning": sizes["fid_n_warning"],
             "features": kind,
             "feature_models": fm.protocol,
+            "feature_device": str(device()),
             "resize": fm.protocol.get("resize"),
             "image_format": "PNG, 8-bit RGB; real images center-cropped to the resolution",
             **settings,
-            "seeds": seeds,
+            "seed": e.seed,
+            "seeds": "per image: eval.seed + prompt index x images_per_prompt + j; LoRA and base on the same seeds",
             "prompts": "held-out captions (training caption prefix included)",
+            "clip_text": f"held-out captions without the trigger prefix {prefix!r}" if prefix else "held-out captions",
             "val_loss": f"unweighted MSE at timesteps {list(train_cfg.train.val_timesteps)}, fixed noise (seed {train_cfg.seed})",
+            "metrics": {k: m.note for k, m in METRICS.items() if m.note},
+            "paired": f"LoRA - base, {e.bootstrap_draws} paired bootstrap draws over the held-out prompts, 95% percentile interval",
+            "device": str(device()),
+            "dtype": "float32",
+            "lora_scale": train_cfg.lora.alpha / train_cfg.lora.rank,
             "base_images": str(base_dir),
-            "versions": {lib: version(lib) for lib in LIBRARIES},
+            "base_images_status": base_status,
+            "versions": library_versions(),
         }
-        result = {"lora": metrics["lora"], "base": metrics["base"], "protocol": protocol}
+        result = {"lora": metrics["lora"], "base": metrics["base"], "paired": paired, "protocol": protocol}
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
-        log.info("%s: KID %.4g (base %.4g), N=%d", run.name, metrics["lora"]["kid"], metrics["base"]["kid"], m["n_fake"])
+        d = paired.get(HEADLINE, {})
+        log.info(
+            "%s: KID %.4g (base %.4g; LoRA - base %.3g [%.3g, %.3g]), N=%d",
+            run.name, metrics["lora"][HEADLINE], metrics["base"][HEADLINE], d.get("diff", math.nan),
+            d.get("low", math.nan), d.get("high", math.nan), sizes["n_fake"],
+        )
         update_wandb_summary(run, result, name)
         results.append({"run": run, **result})
 
@@ -140,12 +182,54 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
     return results
 
 
-def cache_key(model_key: str, holdout: list, settings: dict, seeds: list[int]) -> str:
+def strip_prefix(caption: str, prefix: str) -> str:
+    """The caption without the trigger prefix training added (CLIP scores what the image shows)."""
+    return caption[len(prefix):] if prefix and caption.startswith(prefix) else caption
+
+
+def library_versions() -> dict[str, str]:
+    return {lib: version(lib) for lib in LIBRARIES}
+
+
+def cache_key(fingerprint: dict, holdout: list, settings: dict, seeds: list[list[int]]) -> str:
+    """Content key of a set of base images: everything they depend on."""
     payload = json.dumps(
-        {"v": BASE_CACHE_VERSION, "model": model_key, "holdout": [(r.key, r.caption) for r in holdout], **settings, "seeds": seeds},
+        {
+            "v": BASE_CACHE_VERSION,
+            "model": fingerprint,
+            "holdout": [(r.key, r.caption) for r in holdout],
+            **settings,
+            "seeds": seeds,
+            "versions": library_versions(),
+            "device": device().type,
+            "dtype": "float32",
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def ensure_base_images(pipe, base_dir: Path, prompts: list[str], seeds: list[list[int]], settings: dict, real: torch.Tensor) -> str:
+    """Generate the base model's images into ``base_dir`` unless a complete set is there, with the
+    held-out images as evaluated in ``real/`` (for the report's grids). Written into a temp dir and
+    renamed, so a concurrent evaluation never reads a half-written set."""
+    if (base_dir / "done").is_file():
+        log.info("base images: reused from %s", base_dir.name)
+        return "reused"
+    tmp = base_dir.with_name(f".{base_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with eval_mode(pipe), without_adapter(pipe):
+        write_pngs(generate(pipe, prompts, seeds, **settings), tmp)
+    write_pngs([Image.fromarray(image.permute(1, 2, 0).numpy()) for image in real], tmp / "real")
+    (tmp / "done").write_text(json.dumps({"prompts": prompts, "seeds": seeds, **settings}))
+    try:
+        os.rename(tmp, base_dir)
+    except OSError:  # another evaluation finished the same set first: use that one
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("base images: reused from %s (written by a concurrent evaluation)", base_dir.name)
+        return "reused"
+    log.info("base images: generated into %s", base_dir)
+    return "generated"
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
@@ -153,7 +237,11 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def write_pngs(images: list[Image.Image], folder: Path) -> list[Path]:
+def write_pngs(images: list[Image.Image], folder: Path, clear: bool = False) -> list[Path]:
+    """``0000.png``, ``0001.png``, ... in ``folder``; ``clear`` first removes any older PNGs there."""
+    if clear:
+        for old in folder.glob("*.png"):
+            old.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
@@ -171,32 +259,77 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Protocol keys that make two evaluations comparable (the rest: where files are, versions).
+COMPARABLE = ("n_real", "n_fake", "features", "feature_models", "resize", "scheduler", "steps", "guidance_scale",
+              "resolution", "images_per_prompt", "seed", "kid_subset_size", "clip_text")
+
+
 def write_tables(sweep_dir: Path, results: list[dict], name: str | None) -> None:
-    """``eval_table.csv`` / ``.md``: one row per run plus one per distinct base model, by KID."""
+    """``eval_table.csv`` / ``.md``: one row per run plus one per distinct base model, by KID, each
+    row with its N and sampling protocol; LoRA − base with its 95% interval per run; the best run
+    only where that interval says it beats its base."""
+    shown = [k for k, m in METRICS.items() if m.in_table]
     rows, seen_base = [], set()
     for r in results:
-        rows.append({"run": r["run"].name, **r["lora"]})
-        if r["protocol"]["base_images"] not in seen_base:
-            seen_base.add(r["protocol"]["base_images"])
-            rows.append({"run": "base model" if len(seen_base) == 1 else f"base model ({r['run'].name})", **r["base"]})
-    rows.sort(key=lambda row: row[HEADLINE])
+        p = r["protocol"]
+        stamp = {k: p[k] for k in ("n_real", "n_fake", "features", "scheduler", "steps", "guidance_scale", "images_per_prompt")}
+        diffs = {}
+        for k in shown:
+            d = r["paired"].get(k)
+            diffs |= {f"{k}_diff": d and d["diff"], f"{k}_diff_low": d and d["low"], f"{k}_diff_high": d and d["high"]}
+        rows.append({"run": r["run"].name, **stamp, **r["lora"], **diffs})
+        if p["base_images"] not in seen_base:
+            seen_base.add(p["base_images"])
+            rows.append({"run": "base model" if len(seen_base) == 1 else f"base model ({r['run'].name})", **stamp, **r["base"]})
+    rows.sort(key=lambda row: math.inf if row.get(HEADLINE) is None else row[HEADLINE])
     stem = f"eval_table_{name}" if name else "eval_table"
-    columns = ["run", *METRIC_KEYS]
+    stamp_keys = ["n_real", "n_fake", "features", "scheduler", "steps", "guidance_scale", "images_per_prompt"]
+    columns = ["run", *stamp_keys, *METRIC_KEYS, *(f"{k}_diff{s}" for k in shown for s in ("", "_low", "_high"))]
     with open(sweep_dir / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    p = results[0]["protocol"]
+
+    by_name = {r["run"].name: r for r in results}
+    best = best_run(by_name)
+    md_columns = ["run", "N", *shown]
     lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-        *("| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows),
+        "| " + " | ".join(md_columns) + " |",
+        "|" + "---|" * len(md_columns),
+        *(
+            "| " + " | ".join(
+                [("★ " if row["run"] == best else "") + row["run"], f"{row['n_fake']} vs {row['n_real']}"]
+                + [fmt(row.get(c)) if row.get(c) is not None else "-" for c in shown]
+            ) + " |"
+            for row in rows
+        ),
         "",
-        f"Sorted by KID (lower is better). N = {p['n_fake']} generated vs {p['n_real']} held-out images; "
-        f"features: {p['features']}; KID subset size {p['kid_subset_size']}"
-        + (" (clamped to N)" if p["kid_subset_clamped"] else "")
-        + f"; {p['scheduler']}, {p['steps']} steps, guidance {p['guidance_scale']}, seeds {p['seeds']}.",
+        f"Sorted by KID (lower is better). N = generated vs held-out images. "
+        + (f"★ {best}: its LoRA − base interval on KID excludes 0 in the better direction, and its KID is the lowest of those."
+           if best else "No run is distinguishable from its base model on KID: every LoRA − base interval includes 0 or favours the base."),
+        "",
+        "LoRA − base, 95% paired bootstrap interval over held-out prompts (negative is better for KID, FID, CMMD, val loss):",
+        "",
+        "| run | " + " | ".join(shown) + " |",
+        "|" + "---|" * (len(shown) + 1),
+        *(
+            f"| {r['run'].name} | " + " | ".join(
+                (interval_text(r["paired"][k]) + (" ✓" if r["paired"][k]["better"] else " ✗" if r["paired"][k]["worse"] else ""))
+                if k in r["paired"] else "-" for k in shown
+            ) + " |"
+            for r in results
+        ),
+        "",
+        "✓ interval excludes 0 in the better direction; ✗ in the worse direction.",
     ]
+    p = results[0]["protocol"]
+    lines.append(
+        f"Features: {p['features']}; KID subset size {p['kid_subset_size']}" + (" (clamped to N)" if p["kid_subset_clamped"] else "")
+        + f"; {p['scheduler']}, {p['steps']} steps, guidance {p['guidance_scale']}, {p['images_per_prompt']} image(s) per prompt, "
+        f"seed {p['seed']} ({p['seeds']})."
+    )
+    if len({json.dumps({k: r["protocol"].get(k) for k in COMPARABLE}, sort_keys=True) for r in results}) > 1:
+        lines.append("WARNING: the runs were evaluated under different protocols (see each row's N and settings); compare like with like.")
     if p["fid_warning"]:
         lines.append(f"FID warning: {p['fid_warning']}")
     (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -214,8 +347,10 @@ def update_wandb_summary(run: Path, result: dict, name: str | None) -> None:
     import wandb
 
     prefix = f"eval/{name}/" if name else "eval/"
-    values = {f"{prefix}{k}": v for k, v in result["lora"].items()}
-    values |= {f"{prefix}base_{k}": v for k, v in result["base"].items()}
+    values = {f"{prefix}{k}": v for k, v in result["lora"].items() if v is not None}
+    values |= {f"{prefix}base_{k}": v for k, v in result["base"].items() if v is not None}
+    for k, d in result["paired"].items():
+        values |= {f"{prefix}{k}_diff": d["diff"], f"{prefix}{k}_diff_low": d["low"], f"{prefix}{k}_diff_high": d["high"]}
     values[f"{prefix}n"] = result["protocol"]["n_fake"]
     mode = ident["mode"] if ident["mode"] != "online" else wandb_mode(OmegaConf.create({"name": "wandb", "mode": None}))
     wb = wandb.init(
@@ -234,7 +369,7 @@ def main(cfg: DictConfig) -> float:
     name = Path(hc.runtime.output_dir).name if hc.mode == RunMode.MULTIRUN else None
     try:
         results = evaluate(cfg, name=name)
-    except (FeatureUnavailable, OfflineError) as err:  # expected offline failures: the message, no trace
+    except (FeatureUnavailable, OfflineError, FileNotFoundError, ValueError) as err:  # bad input: the message, no trace
         raise SystemExit(f"ghibli_lab.evaluate: {err}") from None
     return min(r["lora"][HEADLINE] for r in results)
 

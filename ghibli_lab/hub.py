@@ -58,3 +58,31 @@ def check_hub_resource(name: str, repo_type: str, key: str, probe_file: str) -> 
         f"--local-dir /path/to/{name.split('/')[-1]}\n"
         f"then point at the copy: {key}=/path/to/{name.split('/')[-1]}"
     )
+
+
+def source_fingerprint(name: str, repo_type: str = "model", probe_file: str = "model_index.json") -> dict:
+    """What identifies the weights behind a local directory or hub id, without hashing gigabytes:
+    a local directory's files (relative path, size, modification time); a hub id's cached
+    snapshot revision (or "unresolved" when it is not cached)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {
+            "dir": str(path.resolve()),
+            "files": [[str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        }
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, probe_file, repo_type=repo_type)
+    revision = Path(cached).parent.name if isinstance(cached, str) else "unresolved"
+    return {"hub": name, "revision": revision}
+
+
+def model_fingerprint(model_cfg) -> dict:
+    """The model config plus the fingerprint of its weights (``tiny`` models are built in code)."""
+    fingerprint = {k: model_cfg[k] for k in ("family", "pretrained", "vae", "variant")}
+    if model_cfg.pretrained != "tiny":
+        fingerprint["weights"] = source_fingerprint(model_cfg.pretrained)
+    if model_cfg.vae:
+        fingerprint["vae_weights"] = source_fingerprint(model_cfg.vae, probe_file="config.json")
+    return fingerprint

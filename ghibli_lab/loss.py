@@ -127,26 +127,36 @@ def training_loss(
 
 @torch.no_grad()
 def validation_loss(
-    pipe: DiffusionPipeline, val_batches: list[dict], noise_scheduler: DDPMScheduler, timesteps: list[int], seed: int
-) -> float | None:
+    pipe: DiffusionPipeline,
+    val_batches: list[dict],
+    noise_scheduler: DDPMScheduler,
+    timesteps: list[int],
+    seed: int,
+    per_sample: bool = False,
+):
     """Mean unweighted loss on the held-out set at fixed ``timesteps`` with fixed noise.
 
     The per-step training loss is dominated by the random timestep and shows no trend; this one
     only changes when the model does (as kohya's validation loss). Its noise comes from its own
     generators, so validating never changes the training trajectory. With several processes the
     batches are split between them and the sums all-reduced.
+
+    Returns the mean (None without held-out data); with ``per_sample`` (one process only), also
+    each held-out example's mean over the timesteps, in order, for evaluation's bootstrap.
     """
     if not val_batches:
-        return None
+        return (None, None) if per_sample else None
     unet = pipe.unet
     rank, world = process_shard()
     total = torch.zeros(2, dtype=torch.float64, device=unet.device)  # loss sum, sample count
+    samples = []
     with eval_mode(pipe):
         for index in range(rank, len(val_batches), world):  # each process takes every world-th batch
             batch = val_batches[index]
             # Noise seeded per batch, so the number is the same however the batches are sharded.
             generator = torch.Generator("cpu").manual_seed(seed * 1_000_003 + index)
             latents = batch["latents"].to(unet.device, unet.dtype)
+            sample_sum = torch.zeros(latents.shape[0], dtype=torch.float64) if per_sample else None
             for t in timesteps:
                 noise = torch.randn(latents.shape, generator=generator).to(latents)
                 steps = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
@@ -154,6 +164,11 @@ def validation_loss(
                 pred = unet_prediction(pipe, noisy, steps, batch, unet.dtype)
                 loss = diffusion_loss(pred, latents, noise, steps, noise_scheduler, snr_gamma=None)
                 total += torch.stack([loss.sum().double(), torch.tensor(loss.numel(), dtype=torch.float64, device=loss.device)])
+                if per_sample:
+                    sample_sum += loss.double().cpu()
+            if per_sample:
+                samples.append(sample_sum / len(timesteps))
     if world > 1:
         torch.distributed.all_reduce(total)
-    return (total[0] / total[1]).item()
+    mean = (total[0] / total[1]).item()
+    return (mean, torch.cat(samples)) if per_sample else mean

@@ -1,18 +1,17 @@
-"""Image metrics: KID, FID, CLIP score and a CLIP style similarity, with the protocol stamped.
+"""Image metrics (KID, FID, CMMD, CLIP score, diversity, val loss), the registry that lists them,
+and the paired LoRA − base intervals, with the protocol stamped.
 
-The metric math is torchmetrics' (``KernelInceptionDistance``, ``FrechetInceptionDistance``,
-``CLIPScore``); this module supplies the feature extractors, so the numbers follow clean-fid's
-protocol (Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN Evaluation"):
+Features are extracted once per image set (``extract_features``) and every metric and the
+bootstrap work from them. KID and FID use torchmetrics' math (``poly_mmd``, ``_compute_fid``) on
+features that follow clean-fid's protocol (Parmar et al. 2022, "On Aliased Resizing and
+Surprising Subtleties in GAN Evaluation"):
 
 * features: the StyleGAN2-ADA TorchScript port of TF Inception-v3 (``inception-2015-12-05.pt``),
   pool3 features (2048-d), input scaled as clean-fid does, ``(x - 128) / 128``;
 * resize: per channel, PIL bicubic on float32 images (mode "F") to 299x299, no uint8 round trip.
 
-torchmetrics calls a custom ``feature=`` module as ``feature(imgs)`` on exactly the tensor given to
-``update`` (``normalize`` only rescales for its built-in Inception), and takes the feature size from
-the module's ``num_features`` attribute (FID; otherwise it runs a dummy 299x299 uint8 image). Every
-feature module here therefore takes uint8 ``[N, 3, H, W]`` of any size, resizes by itself, returns
-float ``[N, D]`` and carries ``num_features``.
+Every feature module takes uint8 ``[N, 3, H, W]`` of any size, resizes by itself, returns float
+``[N, D]`` and carries ``num_features`` (torchmetrics' ``feature=`` convention).
 
 Offline, nothing is downloaded: a missing Inception file or an uncached CLIP model raises
 ``FeatureUnavailable`` naming the file or model and how to point at a local copy. ``features="tiny"``
@@ -39,6 +38,15 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProce
 
 from ghibli_lab.hub import OfflineError, check_hub_resource, reachable
 from ghibli_lab.pipeline import tiny_tokenizer
+from ghibli_lab.stats import (
+    bootstrap_weights,
+    gaussian_kernel,
+    percentile_interval,
+    polynomial_kernel,
+    weighted_fid,
+    weighted_mean,
+    weighted_mmd2,
+)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # clean-fid 0.1.35, cleanfid/downloads_helper.py: `inception_url`.
@@ -171,22 +179,6 @@ class ClipImageFeatures(nn.Module):
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         pixels = self.processor(images=list(images_uint8.cpu()), return_tensors="pt")["pixel_values"]
         return self.model.get_image_features(pixel_values=pixels.to(_module_device(self.model))).float()
-
-
-class _SharedFeatures(nn.Module):
-    """Runs the wrapped feature module once per batch although FID and KID both call it."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-        self.num_features = module.num_features
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Holding a reference to the input keeps `is` from matching a recycled object.
-        if self._last is None or self._last[0] is not images:
-            self._last = (images, self.module(images))
-        return self._last[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,49 +399,237 @@ def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
 
 
 @dataclass
-class MetricInputs:
-    """What every metric is computed from; shared work (one feature pass for KID and FID) is done once."""
+class Features:
+    """What the metrics see of a set of images, extracted once and reused by every metric and by
+    the bootstrap."""
 
-    real: torch.Tensor  # uint8 [N, 3, H, W]
-    fake: torch.Tensor
-    prompts: list[str]  # one per fake image
-    fm: FeatureModels
-    kid_subset_size: int  # already clamped to the sample sizes
-    batch_size: int
-    seed: int
+    image: torch.Tensor  # [N, D] float64, the KID/FID features (Inception, CLIP or tiny)
+    clip: torch.Tensor  # [N, C] float64, L2-normalised CLIP image embeddings
+    text: Optional[torch.Tensor] = None  # [N, C] normalised CLIP embeddings of each image's caption
+
+
+def extract_features(images: torch.Tensor, fm: FeatureModels, texts: Optional[list[str]] = None, batch_size: int = 32) -> Features:
+    """Features of uint8 ``[N, 3, H, W]`` images (and of one caption per image, if given)."""
+    with torch.no_grad():
+        image = torch.cat([fm.image(batch).double().cpu() for batch in images.split(batch_size)])
+    return Features(
+        image=image,
+        clip=clip_image_embeddings(images, fm, batch_size).double(),
+        text=clip_text_embeddings(texts, fm, batch_size).double() if texts is not None else None,
+    )
+
+
+def clip_image_embeddings(images: torch.Tensor, fm: FeatureModels, batch_size: int = 32) -> torch.Tensor:
+    """L2-normalised CLIP image embeddings ``[N, D]`` of uint8 images."""
+    embed = ClipImageFeatures(fm.clip_model, fm.clip_processor)
+    with torch.no_grad():
+        feats = torch.cat([embed(batch) for batch in images.split(batch_size)])
+    return torch.nn.functional.normalize(feats, dim=-1).cpu()
+
+
+def clip_text_embeddings(texts: list[str], fm: FeatureModels, batch_size: int = 32) -> torch.Tensor:
+    """L2-normalised CLIP text embeddings ``[N, D]``.
+
+    Truncated *by the tokenizer* to its 77 tokens, which keeps the end-of-text token: CLIP pools
+    the text at that token, so cutting token ids after tokenising (as torchmetrics 1.9's
+    CLIPScore does) pools every over-long prompt at the start token, and any two of them get the
+    same embedding.
+    """
+    tokenizer = fm.clip_processor.tokenizer
+    device = _module_device(fm.clip_model)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(
+                texts[start : start + batch_size], padding=True, truncation=True,
+                max_length=tokenizer.model_max_length, return_tensors="pt",
+            )
+            out.append(fm.clip_model.get_text_features(**{k: v.to(device) for k, v in tokens.items()}).float())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
+
+
+@dataclass
+class Sample:
+    """One side of an evaluation (the LoRA's or the base model's images) against the held-out set:
+    what every metric of ``METRICS`` is computed from.
+
+    ``real`` holds one image per held-out prompt; ``prompt_of`` gives each generated image's
+    prompt (None: unpaired sets, each image its own prompt). ``val_losses`` are per held-out image.
+    """
+
+    real: Features
+    fake: Features
+    prompt_of: Optional[torch.Tensor] = None
+    val_loss: Optional[float] = None  # the held-out loss as training computes it
+    val_losses: Optional[torch.Tensor] = None  # its per-image terms, for the bootstrap
+    kid_subset_size: int = 1000
+    kid_subsets: int = 100
+    seed: int = 0
+
+    @property
+    def prompts_real(self) -> Optional[torch.Tensor]:
+        return torch.arange(len(self.real.image)) if self.prompt_of is not None else None
 
     @functools.cached_property
-    def kid_fid(self) -> tuple[float, float, float]:
-        return _kid_and_fid(self.real, self.fake, self.fm.image, self.kid_subset_size, self.batch_size, self.seed)
+    def kid(self) -> tuple[float, float]:
+        return kid_unbiased(self.real.image, self.fake.image, self.kid_subset_size, self.kid_subsets, self.seed, with_std=True)
+
+    @functools.cached_property
+    def kernels(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Kernel matrices (real-real, fake-fake, real-fake) of KID's and CMMD's kernels."""
+        r, f = self.real, self.fake
+        return {
+            "kid": (polynomial_kernel(r.image, r.image), polynomial_kernel(f.image, f.image), polynomial_kernel(r.image, f.image)),
+            "cmmd": (gaussian_kernel(r.clip, r.clip), gaussian_kernel(f.clip, f.clip), gaussian_kernel(r.clip, f.clip)),
+        }
+
+    def mmd2(self, kernel: str, wr: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
+        return weighted_mmd2(*self.kernels[kernel], wr, wf, self.prompts_real, self.prompt_of)
+
+    def fake_weights(self, wr: torch.Tensor) -> torch.Tensor:
+        """Per-image weights of the generated images from per-prompt weights ``wr`` [B, n]."""
+        return wr[:, self.prompt_of] if self.prompt_of is not None else wr
+
+    def unit(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights of the full sample: every image once."""
+        wr = torch.ones(1, len(self.real.image), dtype=torch.float64)
+        wf = torch.ones(1, len(self.fake.image), dtype=torch.float64)
+        return wr, wf
+
+
+def _clip_scores(x: Sample) -> torch.Tensor:
+    # 100 * cos(image, caption) per generated image (Hessel et al. 2021 with torchmetrics' 100 scale;
+    # no clamp at 0: a negative score says the images don't match their captions, and shows it).
+    return 100 * (x.fake.clip * x.fake.text).sum(1)
+
+
+def _diversity(x: Sample) -> Optional[torch.Tensor]:
+    """Per prompt: mean cosine distance between the images generated for it (None with one each)."""
+    if x.prompt_of is None:
+        return None
+    out = []
+    for p in range(len(x.real.image)):
+        emb = x.fake.clip[x.prompt_of == p]
+        if len(emb) < 2:
+            return None
+        sims = emb @ emb.T
+        k = len(emb)
+        out.append(1 - (sims.sum() - sims.diagonal().sum()) / (k * (k - 1)))
+    return torch.stack(out)
+
+
+def _per_prompt_mean(values: Optional[torch.Tensor], w: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if values is None else weighted_mean(values, w)
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One evaluation metric: its label, which way is better, and how to compute it."""
+    """One evaluation metric: its label, which way is better, and how to compute it.
+
+    ``resample(sample, wr, wf)`` computes it under bootstrap weights (``wr`` [B, n] per held-out
+    prompt, ``wf`` [B, m] per generated image) and returns [B] values; the unit weights give the
+    reported value unless ``point`` computes it another way (KID's subsets). None: not available.
+    """
 
     label: str
     lower_is_better: bool
-    compute: Optional[Callable[[MetricInputs], float]]  # None: evaluation computes it from the pipeline
-    in_table: bool = True  # shown in tables, heatmaps and W&B panels (else kept in metrics.json only)
+    resample: Optional[Callable[[Sample, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]]
+    point: Optional[Callable[[Sample], Optional[float]]] = None
+    in_table: bool = True  # shown in tables, heatmaps, intervals and W&B (else in metrics.json only)
+    note: str = ""  # how it is computed, for the protocol
+
+    def value(self, x: Sample) -> Optional[float]:
+        if self.point is not None:
+            return self.point(x)
+        values = self.resample(x, *x.unit())
+        return None if values is None else float(values[0])
 
 
-HEADLINE = "kid"  # tables sort by it and the best run is picked by it (unbiased at small N)
+HEADLINE = "kid"  # tables sort by it, and "best" is judged on its LoRA - base interval
 # The registry: evaluation computes, and the tables and the report show, exactly these, in this order.
 # A new metric is one entry here.
 METRICS: dict[str, Metric] = {
-    "kid": Metric("KID", True, lambda x: x.kid_fid[0]),
-    "kid_std": Metric("KID spread over subsets", True, lambda x: x.kid_fid[1], in_table=False),
-    "fid": Metric("FID", True, lambda x: x.kid_fid[2]),
-    "clip_score": Metric("CLIP score", False, lambda x: clip_score(x.fake, x.prompts, x.fm, x.batch_size)),
-    "style_sim": Metric("style similarity", False, lambda x: style_similarity(x.real, x.fake, x.fm, x.batch_size)),
-    # The fixed-timestep loss on the held-out images: needs the model, so evaluate.py computes it.
-    "val_loss": Metric("held-out val loss", True, None),
+    "kid": Metric(
+        "KID", True, lambda x, wr, wf: x.mmd2("kid", wr, wf), point=lambda x: x.kid[0],
+        note="unbiased MMD², kernel (x·y/d + 1)³, mean over random subsets (Bińkowski et al. 2018)",
+    ),
+    # The spread of KID over its (overlapping) subsets: not an uncertainty of KID; the interval is.
+    "kid_subset_std": Metric("KID std over subsets", True, None, point=lambda x: x.kid[1], in_table=False),
+    "fid": Metric(
+        "FID", True, lambda x, wr, wf: weighted_fid(x.real.image, x.fake.image, wr, wf),
+        point=lambda x: features_fid(x.real.image, x.fake.image),
+        note="Fréchet distance of the features (Heusel et al. 2017); biased by N below 2048",
+    ),
+    "cmmd": Metric(
+        "CMMD", True, lambda x, wr, wf: 1000 * x.mmd2("cmmd", wr, wf),
+        note="1000 x unbiased MMD² of normalised CLIP image embeddings, Gaussian kernel σ=10 (Jayasumana et al. 2024)",
+    ),
+    "clip_score": Metric(
+        "CLIP score", False, lambda x, wr, wf: None if x.fake.text is None else weighted_mean(_clip_scores(x), wf),
+        note="mean 100 x cos(image, caption), captions truncated by the tokenizer (end token kept), not clamped",
+    ),
+    "diversity": Metric(
+        "diversity", False, lambda x, wr, wf: _per_prompt_mean(_diversity(x), wr),
+        note="mean CLIP cosine distance between images of the same prompt (needs eval.images_per_prompt >= 2)",
+    ),
+    "val_loss": Metric(
+        "held-out val loss", True, lambda x, wr, wf: _per_prompt_mean(x.val_losses, wr), point=lambda x: x.val_loss,
+        note="unweighted MSE at fixed timesteps with fixed noise, as training's val/loss",
+    ),
 }
 
 
 def fmt(value) -> str:
     """A metric value as tables print it: 4 significant digits."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def score(x: Sample) -> dict[str, Optional[float]]:
+    """Every metric of ``METRICS`` for one side."""
+    return {name: metric.value(x) for name, metric in METRICS.items()}
+
+
+def paired_differences(lora: Sample, base: Sample, draws: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """LoRA − base for every metric in the table, with a ``level`` bootstrap interval over the
+    held-out prompts (both sides resampled with the same draws; see stats.py). ``better``: the
+    interval excludes zero in the metric's better direction; ``worse``: in the other."""
+    n = len(lora.real.image)
+    wr = bootstrap_weights(n, draws, seed)
+    out = {}
+    for name, metric in METRICS.items():
+        if not metric.in_table or metric.resample is None:
+            continue
+        a, b = metric.value(lora), metric.value(base)
+        samples_a = metric.resample(lora, wr, lora.fake_weights(wr))
+        samples_b = metric.resample(base, wr, base.fake_weights(wr))
+        if a is None or b is None or samples_a is None or samples_b is None:
+            continue
+        low, high = percentile_interval(samples_a - samples_b, level)
+        sign = -1 if metric.lower_is_better else 1
+        out[name] = {
+            "diff": a - b,
+            "low": low,
+            "high": high,
+            "better": (sign * low > 0) if sign > 0 else (high < 0),
+            "worse": (high < 0) if sign > 0 else (low > 0),
+        }
+    return out
+
+
+def best_run(results: dict[str, dict]) -> Optional[str]:
+    """The run to mark best: among runs whose LoRA − base interval on ``HEADLINE`` excludes zero
+    in the better direction, the one with the best value; None when no run is distinguishable
+    from its base model (then no run should be called best)."""
+    metric = METRICS[HEADLINE]
+    better = {name: r["lora"][HEADLINE] for name, r in results.items() if r.get("paired", {}).get(HEADLINE, {}).get("better")}
+    if not better:
+        return None
+    return (min if metric.lower_is_better else max)(better, key=better.get)
+
+
+def interval_text(d: dict) -> str:
+    """``-0.012 [-0.020, -0.004]``: a paired difference and its interval."""
+    return f"{d['diff']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
 
 
 def compute_image_metrics(
@@ -460,20 +640,30 @@ def compute_image_metrics(
     kid_subset_size: int = 1000,
     batch_size: int = 32,
     seed: int = 0,
+    prompt_of: Optional[torch.Tensor] = None,
 ) -> dict:
-    """Every image metric of ``METRICS`` for ``fake`` against ``real`` (uint8 [N, 3, H, W]), and
-    the sample sizes behind them.
+    """Every image metric for ``fake`` against ``real`` (uint8 [N, 3, H, W]), and the sample sizes.
 
-    ``prompts`` has one prompt per fake image. KID's subset size is clamped to the sample sizes;
-    its subsets are drawn from a generator seeded by ``seed`` (the global RNG is left untouched).
+    ``prompts`` has one caption per fake image (for the CLIP score). KID's subset size is clamped
+    to the sample sizes; its subsets are drawn from a generator seeded by ``seed``.
     """
     _check_inputs(real, fake, prompts)
     n_real, n_fake = len(real), len(fake)
     subset = min(kid_subset_size, n_real, n_fake)
-    inputs = MetricInputs(real, fake, prompts, fm, subset, batch_size, seed)
-    values = {name: metric.compute(inputs) for name, metric in METRICS.items() if metric.compute is not None}
+    sample = Sample(
+        extract_features(real, fm, batch_size=batch_size),
+        extract_features(fake, fm, texts=prompts, batch_size=batch_size),
+        prompt_of=prompt_of,
+        kid_subset_size=subset,
+        seed=seed,
+    )
+    values = {k: v for k, v in score(sample).items() if k != "val_loss"}
+    return {**values, **sample_sizes(n_real, n_fake, kid_subset_size)}
+
+
+def sample_sizes(n_real: int, n_fake: int, kid_subset_size: int) -> dict:
+    subset = min(kid_subset_size, n_real, n_fake)
     return {
-        **values,
         "n_real": n_real,
         "n_fake": n_fake,
         "kid_subset_size": subset,
@@ -498,62 +688,11 @@ def _check_inputs(real: torch.Tensor, fake: torch.Tensor, prompts: list[str]) ->
         raise ValueError(f"need one prompt per fake image: {len(prompts)} prompts for {len(fake)} images")
 
 
-def _kid_and_fid(
-    real: torch.Tensor, fake: torch.Tensor, feature: nn.Module, subset_size: int, batch_size: int, seed: int
-) -> tuple[float, float, float]:
-    """torchmetrics KID (Bińkowski et al. 2018: unbiased MMD², cubic polynomial kernel, mean/std
-    over 100 subsets) and FID (Heusel et al. 2017), sharing one feature pass per batch."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    shared = _SharedFeatures(feature)
-    device = _module_device(feature)
-    fid = FrechetInceptionDistance(feature=shared).to(device)
-    with warnings.catch_warnings():
-        # It warns that it keeps all features; that is N x D floats, a few MB at N in the thousands.
-        warnings.filterwarnings("ignore", message=".*will save all extracted features", category=UserWarning)
-        kid = KernelInceptionDistance(feature=shared, subset_size=subset_size).to(device)
-    for images, is_real in ((real, True), (fake, False)):
-        for batch in images.split(batch_size):
-            fid.update(batch, real=is_real)
-            kid.update(batch, real=is_real)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # KID draws its subsets with torch.randperm
-        kid_mean, kid_std = kid.compute()
-    return float(kid_mean), float(kid_std), float(fid.compute())
-
-
 def clip_score(fake: torch.Tensor, prompts: list[str], fm: FeatureModels, batch_size: int = 32) -> float:
-    """torchmetrics CLIPScore: max(mean over images of 100 * cos(image, prompt), 0).
-
-    Hessel et al. 2021 clip each pair at 0 and scale by 2.5; torchmetrics scales by 100 and clips
-    the mean, so values are only comparable with other torchmetrics CLIP scores.
-    """
-    from torchmetrics.multimodal.clip_score import CLIPScore
-
-    metric = CLIPScore(model_name_or_path=lambda: (fm.clip_model, fm.clip_processor))
-    # CLIPScore moves the model to the images' device, so send the images to the model's.
-    device = _module_device(fm.clip_model)
-    for start in range(0, len(fake), batch_size):
-        metric.update(fake[start : start + batch_size].to(device), prompts[start : start + batch_size])
-    return float(metric.compute())
-
-
-def clip_image_embeddings(images: torch.Tensor, fm: FeatureModels, batch_size: int = 32) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings ``[N, D]`` of uint8 images."""
-    embed = ClipImageFeatures(fm.clip_model, fm.clip_processor)
-    with torch.no_grad():
-        feats = torch.cat([embed(batch) for batch in images.split(batch_size)])
-    return torch.nn.functional.normalize(feats, dim=-1).cpu()
-
-
-def style_similarity(
-    real: torch.Tensor, fake: torch.Tensor, fm: FeatureModels, batch_size: int = 32
-) -> float:
-    """Mean CLIP cosine similarity over every (fake, real) pair: how close in style the sets are."""
-    fake_emb = clip_image_embeddings(fake, fm, batch_size)
-    real_emb = clip_image_embeddings(real, fm, batch_size)
-    return float((fake_emb @ real_emb.T).mean())
+    """Mean 100 * cos(image, prompt) of uint8 images and their prompts (see ``clip_text_embeddings``)."""
+    image = clip_image_embeddings(fake, fm, batch_size)
+    text = clip_text_embeddings(prompts, fm, batch_size)
+    return float((100 * (image * text).sum(1)).mean())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -568,8 +707,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(_compute_fid(*(_float64(a) for a in (mu1, sigma1, mu2, sigma2))))
 
 
-def kid_unbiased(feats1, feats2, subset_size: int = 1000, subsets: int = 100, seed: int = 0) -> float:
-    """Mean unbiased MMD² with the kernel (x·y / d + 1)³ over random subsets (Bińkowski et al. 2018).
+def kid_unbiased(feats1, feats2, subset_size: int = 1000, subsets: int = 100, seed: int = 0, with_std: bool = False):
+    """Mean unbiased MMD² with the kernel (x·y / d + 1)³ over random subsets (Bińkowski et al. 2018);
+    with ``with_std``, (mean, std over the subsets) as torchmetrics' ``KernelInceptionDistance``.
 
     torchmetrics' ``poly_mmd`` on features directly, drawn as ``KernelInceptionDistance`` draws them.
     """
@@ -582,7 +722,14 @@ def kid_unbiased(feats1, feats2, subset_size: int = 1000, subsets: int = 100, se
     def draw(feats: torch.Tensor) -> torch.Tensor:
         return feats[torch.randperm(len(feats), generator=generator)[:m]]
 
-    return float(torch.stack([poly_mmd(draw(f1), draw(f2)) for _ in range(subsets)]).mean())
+    values = torch.stack([poly_mmd(draw(f1), draw(f2)) for _ in range(subsets)])
+    return (float(values.mean()), float(values.std(unbiased=False))) if with_std else float(values.mean())
+
+
+def features_fid(feats1: torch.Tensor, feats2: torch.Tensor) -> float:
+    """FID of two feature sets: their means and covariances through ``frechet_distance``."""
+    f1, f2 = _float64(feats1), _float64(feats2)
+    return frechet_distance(f1.mean(0), torch.cov(f1.T), f2.mean(0), torch.cov(f2.T))
 
 
 def _float64(array) -> torch.Tensor:

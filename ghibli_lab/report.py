@@ -3,8 +3,9 @@
 Reads what training and evaluation left in a sweep dir and writes ``<sweep_dir>/report/index.html``,
 a self-contained page (PNG files beside it, no scripts, nothing fetched) with:
 
-- the evaluation table, best run (lowest KID) marked, the base model's row, and the protocol that
-  produced every number; or, before ``ghibli_lab.evaluate`` has run, a note saying so;
+- the evaluation table with each run's N and its LoRA − base intervals (the best run marked only
+  where its interval says it beats the base), the base model's row, and the protocol that produced
+  every number; or, before ``ghibli_lab.evaluate`` has run, a note saying so;
 - one heatmap per metric over the two swept keys, found from the run dir names (``3_lora.alpha=8,
   lora.rank=8``) and the runs' configs: a bar chart for one swept key, one panel per value of any
   further keys;
@@ -43,7 +44,7 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ghibli_lab.config import CONF_DIR, register_configs  # noqa: E402
-from ghibli_lab.metrics import HEADLINE, METRICS, fmt  # noqa: E402
+from ghibli_lab.metrics import HEADLINE, METRICS, best_run, fmt  # noqa: E402
 from ghibli_lab.runs import find_runs, load_run_config  # noqa: E402
 from ghibli_lab.sampling import image_grid  # noqa: E402
 from ghibli_lab.tracking import wandb_mode  # noqa: E402
@@ -366,13 +367,22 @@ def run_grid(run: Run, tile: int, max_columns: int, path: Path) -> Optional[dict
             n = min(len(base_paths), len(lora_paths), max_columns)
             done = base_dir / "done"  # evaluate.py writes the prompts and seeds of the cached base images
             meta = json.loads(done.read_text()) if done.is_file() else {"prompts": [], "seeds": []}
-            columns = [{"prompt": p, "seed": s} for p in meta["prompts"] for s in meta["seeds"]]
+            seeds = meta["seeds"]
+            if seeds and not isinstance(seeds[0], list):  # older evaluations: the same seeds for every prompt
+                seeds = [seeds] * len(meta["prompts"])
+            columns = [{"prompt": p, "seed": s, "index": i} for i, (p, ss) in enumerate(zip(meta["prompts"], seeds)) for s in ss]
             rows = [[thumbnail(Image.open(p), tile) for p in paths[:n]] for paths in (base_paths, lora_paths)]
-            image_grid(rows, labels=["base", "LoRA"]).save(path)
+            labels = ["base", "LoRA"]
+            real_paths = sorted((base_dir / "real").glob("*.png"))
+            if real_paths and len(columns) >= n:  # the held-out image of each column's caption, on top
+                rows.insert(0, [thumbnail(Image.open(real_paths[c["index"]]), tile) for c in columns[:n]])
+                labels.insert(0, "held out")
+            image_grid(rows, labels=labels).save(path)
             source = (
-                f"evaluation images: {protocol['scheduler']}, {protocol['steps']} steps, guidance "
-                f"{protocol['guidance_scale']}; first {n} of {len(lora_paths)}"
+                f"evaluation images ({', '.join(labels)}): {protocol['scheduler']}, {protocol['steps']} steps, "
+                f"guidance {protocol['guidance_scale']}; first {n} of {len(lora_paths)}"
             )
+            columns = [{"prompt": c["prompt"], "seed": c["seed"]} for c in columns]
             return {"path": path, "source": source, "columns": columns[:n]}
     final = run.path / "samples" / "final.png"
     if not final.is_file():
@@ -433,6 +443,7 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th { background: #f2f2f2; } td { white-space: nowrap; }
 td.name { text-align: left; font-family: monospace; white-space: normal; }
 tr.best { background: #fff4c2; font-weight: bold; } tr.base { background: #eef3ff; font-style: italic; }
+td.better { background: #e3f6e3; } td.worse { background: #fbe3e3; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 8px 12px; }
 .meta, .caption { color: #555; font-size: 0.9em; }
 .protocol { font-size: 0.88em; } .protocol code { font-size: 0.95em; word-break: break-all; }
@@ -498,7 +509,7 @@ def render_html(
     parts.append(training_table(runs, keys))
 
     parts.append("<h2>Base vs LoRA</h2>")
-    parts.append('<p class="caption">Per run: the base model on top, the LoRA below, same prompts and seeds.</p>')
+    parts.append('<p class="caption">Per run: the held-out images (after evaluation), the base model, the LoRA: same captions and seeds in each column.</p>')
     for r in runs:
         grid = grids[r.name]
         if grid is None:
@@ -520,7 +531,8 @@ def figure(path: Path, base_dir: Path, caption: str) -> str:
 
 
 def eval_table(runs: list[Run], keys: list[str]) -> str:
-    """One row per run and one per distinct base model, by KID; the best run marked."""
+    """One row per run and one per distinct base model, by KID, each with its N and its LoRA − base
+    intervals; a run is marked best only where its KID interval says it beats its base."""
     e = html.escape
     rows, bases = [], {}
     for r in runs:
@@ -528,26 +540,72 @@ def eval_table(runs: list[Run], keys: list[str]) -> str:
             rows.append(("run", r.name, r, r.eval["lora"]))
             bases.setdefault(r.eval["protocol"].get("base_images"), (r, r.eval["base"]))
     for i, (r, values) in enumerate(bases.values()):
-        rows.append(("base", "base model" if len(bases) == 1 else f"base model ({r.name})", None, values))
+        rows.append(("base", "base model" if len(bases) == 1 else f"base model ({r.name})", r, values))
     rows.sort(key=lambda row: num(row[3].get(HEADLINE)))
-    best = min((row for row in rows if row[0] == "run"), key=lambda row: num(row[3].get(HEADLINE)))
-    header = ["run", *keys, *(label for label, _ in EVAL_METRICS.values())]
+    best = best_run({r.name: r.eval for r in runs if r.eval})
+    header = ["run", *keys, "N", *(label for label, _ in EVAL_METRICS.values()), f"{EVAL_METRICS[HEADLINE][0]}: LoRA − base [95%]"]
     out = ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
     for kind, label, run, values in rows:
-        is_best = row_is(best, kind, label)
+        is_best = kind == "run" and label == best
         css = ' class="best"' if is_best else (' class="base"' if kind == "base" else "")
         mark = "★ best: " if is_best else ""
         cells = [f'<td class="name">{mark}{e(label)}</td>']
-        cells += [f"<td>{e(show(axis_value(run, k))) if run else ''}</td>" for k in keys]
+        cells += [f"<td>{e(show(axis_value(run, k))) if kind == 'run' else ''}</td>" for k in keys]
+        p = run.eval["protocol"]
+        cells.append(f"<td>{p.get('n_fake')} vs {p.get('n_real')}</td>")
         cells += [f"<td>{cell(values.get(k))}</td>" for k in EVAL_METRICS]
+        d = run.eval.get("paired", {}).get(HEADLINE) if kind == "run" else None
+        cells.append(f"<td>{interval_html(d) + verdict(d) if d else '-'}</td>")
         out.append(f"<tr{css}>" + "".join(cells) + "</tr>")
     out.append("</table>")
-    out.append('<p class="caption">Sorted by KID, lower is better. The best run (lowest KID) is marked ★.</p>')
+    if best:
+        out.append(
+            f'<p class="caption">Sorted by KID, lower is better. ★ {e(best)}: its LoRA − base interval on KID '
+            "excludes 0 in the better direction, and its KID is the lowest of those. N: generated vs held-out images.</p>"
+        )
+    else:
+        out.append(
+            '<p class="note">No run is distinguishable from its base model on KID: every 95% interval of '
+            "LoRA − base includes 0 or favours the base, so no run is marked best.</p>"
+        )
+    out.append(paired_table(runs, keys))
     return "\n".join(out)
 
 
-def row_is(best: tuple, kind: str, label: str) -> bool:
-    return best[0] == kind and best[1] == label
+def verdict(d: dict) -> str:
+    return "<br>better" if d["better"] else "<br>worse" if d["worse"] else "<br>(includes 0)"
+
+
+def interval_html(d: dict) -> str:
+    """The difference, and its interval on a second line (the tables stay narrow)."""
+    diff, low, high = (format(d[k], "+.3g") for k in ("diff", "low", "high"))
+    return f"{diff}<br><small>[{low}, {high}]</small>"
+
+
+def paired_table(runs: list[Run], keys: list[str]) -> str:
+    """LoRA − base for every metric of every run, with its 95% paired bootstrap interval."""
+    e = html.escape
+    metrics = [k for k in EVAL_METRICS if any(k in (r.eval or {}).get("paired", {}) for r in runs)]
+    if not metrics:
+        return ""
+    header = ["run", *keys, *(EVAL_METRICS[k][0] for k in metrics)]
+    out = [
+        "<h3>LoRA − base, with 95% intervals</h3>",
+        '<p class="caption">A paired bootstrap over the held-out prompts: the LoRA and the base model drew the '
+        "same prompts and seeds. Green: the interval excludes 0 in the better direction; red: in the worse one.</p>",
+        "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>",
+    ]
+    for r in runs:
+        if not r.eval:
+            continue
+        cells = [f'<td class="name">{e(r.name)}</td>'] + [f"<td>{e(show(axis_value(r, k)))}</td>" for k in keys]
+        for k in metrics:
+            d = r.eval.get("paired", {}).get(k)
+            css = ' class="better"' if d and d["better"] else (' class="worse"' if d and d["worse"] else "")
+            cells.append(f"<td{css}>{interval_html(d) if d else '-'}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
 
 
 def num(value: Any) -> float:
@@ -562,16 +620,20 @@ def protocol_html(evaluated: list[Run]) -> str:
     """The protocol behind every number in the table, printed under it."""
     e = html.escape
     p = evaluated[0].eval["protocol"]
-    same = all(
-        {k: v for k, v in r.eval["protocol"].items() if k != "base_images"}
-        == {k: v for k, v in p.items() if k != "base_images"}
-        for r in evaluated
-    )
+    local = ("base_images", "base_images_status", "lora_scale", "versions")  # may differ between comparable runs
+
+    def comparable(protocol: dict) -> dict:
+        return {k: v for k, v in protocol.items() if k not in local}
+
+    same = all(comparable(r.eval["protocol"]) == comparable(p) for r in evaluated)
     items = [
         f"<li><b>Images:</b> N = {p.get('n_fake')} generated vs {p.get('n_real')} held-out real images; "
         f"{e(str(p.get('prompts', '')))}; {e(str(p.get('image_format', '')))}</li>",
         f"<li><b>Sampling:</b> {e(str(p.get('scheduler')))}, {p.get('steps')} steps, guidance "
-        f"{p.get('guidance_scale')}, seeds {e(str(p.get('seeds')))}, {p.get('resolution')} px</li>",
+        f"{p.get('guidance_scale')}, {p.get('resolution')} px, {p.get('images_per_prompt')} image(s) per held-out "
+        f"caption; seed {p.get('seed')}: {e(str(p.get('seeds')))}</li>",
+        f"<li><b>CLIP score text:</b> {e(str(p.get('clip_text')))}</li>",
+        f"<li><b>LoRA − base:</b> {e(str(p.get('paired')))}</li>",
         f"<li><b>KID:</b> subset size {p.get('kid_subset_size')}"
         + (" (clamped to N: fewer images than the configured subset size)" if p.get("kid_subset_clamped") else "")
         + "</li>",
@@ -590,6 +652,14 @@ def protocol_html(evaluated: list[Run]) -> str:
     items += features
     if p.get("val_loss"):
         items.append(f"<li><b>val loss:</b> {e(str(p['val_loss']))}</li>")
+    for name, note in (p.get("metrics") or {}).items():
+        items.append(f"<li><b>{e(EVAL_METRICS.get(name, (name,))[0])}:</b> {e(note)}</li>")
+    statuses = sorted({r.eval["protocol"].get("base_images_status") for r in evaluated} - {None})
+    if statuses:
+        items.append(f"<li><b>Base images:</b> {e(', '.join(statuses))} (content-keyed cache: model weights, split, "
+                     f"sampling, seeds, library versions, device)</li>")
+    if p.get("device"):
+        items.append(f"<li><b>Device:</b> {e(str(p['device']))}, {e(str(p.get('dtype')))}</li>")
     if p.get("versions"):
         items.append("<li><b>Versions:</b> " + ", ".join(f"{e(k)} {e(str(v))}" for k, v in p["versions"].items()) + "</li>")
     if not same:

@@ -16,19 +16,21 @@ from ghibli_lab.pipeline import sampling_scheduler
 def generate(
     pipe: DiffusionPipeline,
     prompts: list[str],
-    seeds: list[int],
+    seeds: list[int] | list[list[int]],
     scheduler: str,
     steps: int,
     guidance_scale: float,
     resolution: int,
 ) -> list[Image.Image]:
-    """One image per (prompt, seed), prompt-major. Seeds drive a CPU generator, so the same
-    seed gives the same starting noise on any device."""
+    """One image per (prompt, seed), prompt-major. ``seeds``: the same seeds for every prompt, or
+    one list per prompt. Seeds drive a CPU generator, so the same seed gives the same starting
+    noise on any device."""
+    per_prompt = seeds if seeds and isinstance(seeds[0], (list, tuple)) else [seeds] * len(prompts)
     pipe.scheduler = sampling_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     images = []
-    for prompt in prompts:
-        for seed in seeds:
+    for prompt, prompt_seeds in zip(prompts, per_prompt):
+        for seed in prompt_seeds:
             out = pipe(
                 prompt,
                 num_inference_steps=steps,

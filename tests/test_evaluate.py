@@ -71,7 +71,17 @@ def test_every_run_gets_metrics_with_protocol_and_the_sweep_a_table(sweep):
         assert p["n_fake"] == 2 * p["n_real"]
         assert p["kid_subset_size"] == 2 and p["kid_subset_clamped"] is True
         assert "2048" in p["fid_warning"]
-        assert p["seeds"] == [0, 1] and p["scheduler"] == "ddim" and p["steps"] == 2
+        assert p["seed"] == 0 and p["images_per_prompt"] == 2 and p["scheduler"] == "ddim" and p["steps"] == 2
+        # Every generated image has its own seed; the base set was generated from the same ones.
+        done = json.loads((Path(p["base_images"]) / "done").read_text())
+        assert done["seeds"] == [[0, 1], [2, 3]]
+        assert {"kid_subsets", "kid_kernel", "device", "dtype", "lora_scale", "clip_text", "base_images_status"} <= set(p)
+        assert p["lora_scale"] == summary["lora/scale"]
+        # LoRA - base with a 95% interval for every metric in the table.
+        assert set(m["paired"]) == {"kid", "fid", "cmmd", "clip_score", "diversity", "val_loss"}
+        for d in m["paired"].values():
+            assert d["low"] <= d["high"] and isinstance(d["better"], bool) and isinstance(d["worse"], bool)
+        assert m["paired"]["val_loss"]["diff"] == pytest.approx(m["lora"]["val_loss"] - m["base"]["val_loss"])
         assert p["feature_models"]["image_features"]["sha256"]
         assert {"torch", "diffusers", "torchmetrics"} <= set(p["versions"])
         assert len(list((sweep / run / "eval" / "images" / "lora").glob("*.png"))) == p["n_fake"]
@@ -81,7 +91,10 @@ def test_every_run_gets_metrics_with_protocol_and_the_sweep_a_table(sweep):
     kids = [float(r["kid"]) for r in rows]
     assert kids == sorted(kids)
     table = (sweep / "eval_table.md").read_text()
-    assert "| run | kid |" in table and "clamped to N" in table
+    assert "| run | N | kid |" in table and "clamped to N" in table
+    assert "| 2 vs 2 |" not in table and "| 4 vs 2 |" in table  # each row's N: generated vs held out
+    assert "LoRA − base, 95% paired bootstrap interval" in table
+    assert "kid_diff_low" in rows[0] and rows[0]["features"] == "tiny"  # the csv carries intervals and protocol
 
 
 def test_base_images_are_generated_once_per_sweep_and_reused(sweep):
@@ -91,6 +104,8 @@ def test_base_images_are_generated_once_per_sweep_and_reused(sweep):
     stamp = (base_dirs[0] / "0000.png").stat().st_mtime_ns
     first = [json.loads((sweep / r / "eval" / "metrics.json").read_text()) for r in ("0_lora.alpha-4", "1_lora.alpha-8")]
     assert first[0]["base"] == first[1]["base"]  # same base images, same seeded KID subsets
+    assert first[1]["protocol"]["base_images_status"] == "reused"
+    assert len(list((base_dirs[0] / "real").glob("*.png"))) == first[0]["protocol"]["n_real"]  # for the report
     evaluate(compose_eval(f"run_dir={sweep}", *EVAL_ARGS))
     assert (base_dirs[0] / "0000.png").stat().st_mtime_ns == stamp  # reused, not regenerated
     # Other sampling settings are another cache entry.
@@ -134,3 +149,29 @@ def test_inception_offline_and_missing_fails_with_one_clear_message(sweep, tmp_p
     assert "inception-2015-12-05.pt" in proc.stderr
     assert str(tmp_path / "empty" / "features") in proc.stderr
     assert "Traceback" not in proc.stderr  # one message, not a stack trace
+
+
+def test_default_gives_one_independent_image_per_held_out_caption(sweep):
+    run = sweep / "0_lora.alpha-4"
+    (result,) = evaluate(compose_eval(f"run_dir={run}", "eval.features=tiny", "eval.steps=2"))
+    p = result["protocol"]
+    assert p["images_per_prompt"] == 1 and p["n_fake"] == p["n_real"]
+    assert result["lora"]["diversity"] is None  # within-prompt diversity needs 2 images per caption
+
+
+def test_a_changed_local_model_dir_invalidates_the_base_image_cache(tmp_path):
+    """Base images are keyed by the model's weights, not its path: rewriting a file changes the key."""
+    from ghibli_lab.evaluate import cache_key
+    from ghibli_lab.hub import model_fingerprint
+    from ghibli_lab.pipeline import build_tiny_pipeline
+
+    folder = tmp_path / "my-model"
+    build_tiny_pipeline("sd15").save_pretrained(folder)
+    model = OmegaConf.create({"family": "sd15", "pretrained": str(folder), "vae": None, "variant": None})
+    settings = {"scheduler": "ddim", "steps": 2, "guidance_scale": 7.5, "resolution": 64}
+    key = lambda: cache_key(model_fingerprint(model), [], settings, [[0]])  # noqa: E731
+    first = key()
+    assert key() == first  # nothing changed: the same entry
+    weights = next(folder.glob("vae/*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")  # same size, new content and mtime
+    assert key() != first

@@ -22,12 +22,15 @@ from ghibli_lab.metrics import (
     file_sha256,
     frechet_distance,
     kid_unbiased,
+    Features,
+    Sample,
+    clip_text_embeddings,
     load_feature_models,
-    style_similarity,
+    score,
 )
 
 RESULT_KEYS = {
-    "kid", "kid_std", "fid", "clip_score", "style_sim", "n_real", "n_fake",
+    "kid", "kid_subset_std", "fid", "cmmd", "clip_score", "diversity", "n_real", "n_fake",
     "kid_subset_size", "kid_subset_clamped", "fid_n_warning",
 }  # fmt: skip
 
@@ -119,8 +122,9 @@ def test_compute_image_metrics_returns_every_key_as_finite_plain_numbers(fm):
     real, fake = images(10, seed=0), images(12, seed=1, size=48)  # sizes differ: each resizes itself
     result = compute_image_metrics(real, fake, ["a hill at dusk"] * 12, fm)
     assert set(result) == RESULT_KEYS
-    for key in ("kid", "kid_std", "fid", "clip_score", "style_sim"):
+    for key in ("kid", "kid_subset_std", "fid", "cmmd", "clip_score"):
         assert type(result[key]) is float and math.isfinite(result[key]), key
+    assert result["diversity"] is None  # unpaired sets: no prompts to measure diversity within
     assert (result["n_real"], result["n_fake"]) == (10, 12)
     assert "N=10 < 2048" in result["fid_n_warning"]
 
@@ -150,15 +154,56 @@ def test_bad_inputs_fail_with_one_clear_message(fm):
 def test_clip_score_runs_with_the_transformers_5_fix(fm):
     pixels = fm.clip_processor(images=list(images(2, seed=0)), return_tensors="pt")["pixel_values"]
     assert isinstance(fm.clip_model.get_image_features(pixel_values=pixels), torch.Tensor)
-    score = metrics.clip_score(images(4, seed=0), ["a hill", "a tree", "a house", "a cat"], fm)
-    assert type(score) is float and math.isfinite(score) and score >= 0.0
+    value = metrics.clip_score(images(4, seed=0), ["a hill", "a tree", "a house", "a cat"], fm)
+    assert type(value) is float and math.isfinite(value)
+    # Not clamped at 0: the mean of 100 x cos over the pairs, whatever its sign.
+    expected = 100 * (metrics.clip_image_embeddings(images(4, seed=0), fm) * clip_text_embeddings(["a hill", "a tree", "a house", "a cat"], fm)).sum(1).mean()
+    assert value == pytest.approx(float(expected), rel=1e-6)
 
 
-def test_style_similarity_of_a_set_with_itself_beats_a_very_different_set(fm):
-    real = images(12, seed=0)
-    solid_red = torch.zeros(12, 3, 32, 32, dtype=torch.uint8)
-    solid_red[:, 0] = 255
-    assert style_similarity(real, real, fm) > style_similarity(real, solid_red, fm) + 0.05
+def test_two_different_long_prompts_get_different_clip_text_embeddings(fm):
+    """Prompts longer than CLIP's 77 tokens are truncated by the tokenizer with the end token
+    kept; cutting the token ids instead (torchmetrics 1.9) pools both at the start token."""
+    a = "a quiet harbour town at dusk with fishing boats, lanterns on the pier and gulls over the water, " * 2
+    b = "a girl in a red dress runs through a windy meadow of tall grass under towering summer clouds, " * 2
+    tokenizer = fm.clip_processor.tokenizer
+    assert len(tokenizer(a).input_ids) > 77 and len(tokenizer(b).input_ids) > 77
+    emb = clip_text_embeddings([a, b], fm)
+    assert not torch.allclose(emb[0], emb[1], atol=1e-4)
+    # What cutting the ids does: no end token left, every such prompt pools at position 0.
+    ids = tokenizer([a, b], padding=True, return_tensors="pt").input_ids[:, :77]
+    with torch.no_grad():
+        cut = fm.clip_model.get_text_features(input_ids=ids)
+    assert torch.allclose(cut[0], cut[1])
+
+
+def clip_sample(real: torch.Tensor, fake: torch.Tensor) -> Sample:
+    """Real and generated CLIP embeddings as evaluation pairs them: generated image i for prompt i."""
+    return Sample(Features(real, real), Features(fake, fake), prompt_of=torch.arange(len(fake)))
+
+
+def test_a_collapsed_set_scores_worse_than_the_real_set():
+    """Twelve copies of the most central real image: the old style similarity (mean cosine to the
+    real set) ranked it above the real set itself; CMMD and diversity both rank it worse."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.nn.functional.normalize(torch.randn(12, 16, generator=g, dtype=torch.float64) + 1.5, dim=-1)
+    central = (real @ real.T).mean(1).argmax()
+    copies = real[central].repeat(12, 1)
+    old_style_sim = lambda fake: float((fake @ real.T).mean())  # noqa: E731
+    assert old_style_sim(copies) > old_style_sim(real)  # the failure the registry no longer has
+    honest, collapsed = score(clip_sample(real, real)), score(clip_sample(real, copies))
+    assert collapsed["cmmd"] > honest["cmmd"] + 1.0
+    assert abs(honest["cmmd"]) < 0.5  # unbiased: about 0 for the real set against itself
+
+
+def test_diversity_is_zero_for_identical_images_per_prompt():
+    g = torch.Generator().manual_seed(1)
+    real = torch.nn.functional.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=-1)
+    varied = torch.nn.functional.normalize(torch.randn(8, 8, generator=g, dtype=torch.float64), dim=-1)
+    prompts = torch.arange(4).repeat_interleave(2)
+    same = real.repeat_interleave(2, dim=0)
+    assert score(Sample(Features(real, real), Features(same, same), prompt_of=prompts))["diversity"] == pytest.approx(0, abs=1e-12)
+    assert score(Sample(Features(real, real), Features(varied, varied), prompt_of=prompts))["diversity"] > 0.3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +282,7 @@ def test_inception_path_downloads_verifies_and_runs_clean_fid_input(tmp_path, mo
         expected = scripted.layers((clean_resize(x, 299) - 128) / 128)  # clean-fid's normalisation
         assert torch.allclose(fm.image(x), expected)
     result = compute_image_metrics(images(4, seed=1), images(4, seed=2), ["x"] * 4, fm)
-    assert all(math.isfinite(result[k]) for k in ("kid", "fid", "clip_score", "style_sim"))
+    assert all(math.isfinite(result[k]) for k in ("kid", "fid", "cmmd", "clip_score"))
 
 
 def test_clip_features_load_from_a_local_directory(tiny_clip_dir, fm):

@@ -149,32 +149,41 @@ def test_report_of_an_evaluated_sweep(evaluated, tmp_path):
     results = {run.name: json.loads((run / "eval" / "metrics.json").read_text()) for run in sweep.glob("[0-9]_*")}
     assert len(results) == 4
 
-    # The table: the best run (lowest KID) marked, a base model row, and the protocol under it.
-    best = min(results, key=lambda name: results[name]["lora"]["kid"])
-    assert re.search(r'<tr class="best"><td class="name">★ best: ' + re.escape(best) + "</td>", text)
-    assert text.count('class="best"') == 1
+    # The table: a run is marked best only if its KID interval (LoRA - base) excludes 0 in the
+    # better direction, and then the lowest KID of those; a base model row; the protocol under it.
+    beating = [name for name, r in results.items() if r["paired"]["kid"]["better"]]
+    if beating:
+        best = min(beating, key=lambda name: results[name]["lora"]["kid"])
+        assert re.search(r'<tr class="best"><td class="name">★ best: ' + re.escape(best) + "</td>", text)
+        assert text.count('class="best"') == 1
+    else:
+        assert 'class="best"' not in text and "No run is distinguishable from its base model" in text
     assert '<tr class="base"><td class="name">base model</td>' in text
-    assert text.count('<td class="name">') == 4 + 1 + 4  # eval table runs + base, training table runs
+    # eval table runs + base, the LoRA - base table's runs, the training table's runs
+    assert text.count('<td class="name">') == 4 + 1 + 4 + 4
+    for name, r in results.items():  # every run's KID difference with its interval
+        d = r["paired"]["kid"]
+        assert f"{d['diff']:+.3g}<br><small>[{d['low']:+.3g}, {d['high']:+.3g}]</small>" in text
     protocol = next(iter(results.values()))["protocol"]
     assert f"N = {protocol['n_fake']} generated vs {protocol['n_real']} held-out" in text
     assert "clamped to N" in text and html.escape(protocol["fid_warning"]) in text
     for model in protocol["feature_models"].values():
         if isinstance(model, dict) and "sha256" in model:
             assert model["sha256"] in text
-    assert "ddim, 2 steps, guidance 7.5, seeds [0, 1]" in text
+    assert "ddim, 2 steps, guidance 7.5, 64 px, 1 image(s) per held-out caption" in text
 
     # One heatmap per metric over lora.alpha x lora.rank, the curves, and one grid per run.
     assert "swept: lora.alpha × lora.rank;" in text  # not logger.*: it differs too, but was not swept
-    for metric in ("kid", "fid", "clip_score", "style_sim", "val_loss"):
+    for metric in ("kid", "fid", "cmmd", "clip_score", "val_loss"):  # diversity: 1 image per caption, none
         assert_nontrivial_png(sweep / "report" / f"heatmap_{metric}.png")
     assert not (sweep / "report" / "heatmap_train_val_loss.png").exists()
     assert_nontrivial_png(sweep / "report" / "val_loss_curves.png")
     n = protocol["n_fake"]
     grids = sorted((sweep / "report" / "grids").glob("*.png"))
     assert len(grids) == 4
-    for grid in grids:  # from the eval images: base row (cached) over LoRA row, n columns
-        assert Image.open(grid).size == (60 + n * TILE, 2 * TILE)
-    assert text.count('<figcaption class="caption">evaluation images: ddim, 2 steps') == 4
+    for grid in grids:  # from the eval images: held-out row, base row (cached), LoRA row; n columns
+        assert Image.open(grid).size == (60 + n * TILE, 3 * TILE)
+    assert text.count('<figcaption class="caption">evaluation images (held out, base, LoRA): ddim, 2 steps') == 4
 
     # Every image the page shows is a file beside it: no network, no missing files.
     sources = img_sources(index)
