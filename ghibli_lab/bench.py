@@ -38,26 +38,17 @@ from typing import Any, Callable
 
 import hydra
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ghibli_lab.adapters import attach_lora
 from ghibli_lab.config import CONF_DIR, register_configs
 from ghibli_lab.encode import encode_text, offload_encoders, set_train_mode
 from ghibli_lab.loss import training_loss
-from ghibli_lab.pipeline import NOISE_SCHEDULE, build_tiny_pipeline, tiny_tokenizer, training_scheduler
+from ghibli_lab.pipeline import build_full_components, build_full_pipeline, build_tiny_pipeline, training_scheduler
 from ghibli_lab.step import make_accelerator, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -110,141 +101,6 @@ def check_bench_config(cfg: DictConfig, device: torch.device) -> None:
         )
     if cfg.compile and cfg.warmup < 2:
         log.warning("compile=true with warmup=%d: compilation time will land in the timed steps", cfg.warmup)
-
-
-# ----------------------------------------------------------------------------------------------
-# Full-size architectures, from the published configs (model_index.json and each component's
-# config.json) of stabilityai/stable-diffusion-xl-base-1.0 and stable-diffusion-v1-5/stable-diffusion-v1-5.
-# Keys left out equal diffusers' / transformers' defaults. Parameter counts (checked in the tests):
-# SDXL UNet 2,567,463,684; SD 1.5 UNet 859,520,964; VAE 83,653,863; CLIP ViT-L text 123,060,480;
-# OpenCLIP bigG text + projection 694,659,840.
-
-UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    "sdxl": dict(
-        sample_size=128,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(5, 10, 20),  # the number of heads, in diffusers' historical naming
-        transformer_layers_per_block=(1, 2, 10),
-        cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG), concatenated
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,  # 6 size/crop numbers x 256 + 1280 pooled
-        norm_num_groups=32,
-        norm_eps=1e-5,
-    ),
-    "sd15": dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        attention_head_dim=8,
-        cross_attention_dim=768,
-        norm_num_groups=32,
-        norm_eps=1e-5,
-    ),
-}
-
-VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    act_fn="silu",
-)
-VAE_FAMILY = {
-    "sdxl": dict(sample_size=1024, scaling_factor=0.13025),
-    "sd15": dict(sample_size=512, scaling_factor=0.18215),
-}
-
-# SD 1.5's only text encoder and SDXL's first: OpenAI CLIP ViT-L/14's text tower.
-CLIP_VIT_L: dict[str, Any] = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-    layer_norm_eps=1e-5,
-)
-# SDXL's second: OpenCLIP ViT-bigG/14's text tower with its projection (pooled output).
-OPENCLIP_BIGG: dict[str, Any] = dict(
-    vocab_size=49408,
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=1280,
-    layer_norm_eps=1e-5,
-)
-
-
-def build_full_components(family: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
-    """The full-size UNet, VAE and text encoder(s) of ``family`` with random weights, built on
-    ``device`` (no slow CPU init of 2.6B parameters on a GPU box; ``"meta"`` for shapes only) and
-    cast to ``dtype`` one component at a time, so at most one of them is ever in fp32 there."""
-    tokenizer = tiny_tokenizer()
-    # The real tokenizers' special ids are 49406/49407; the byte-level test tokenizer's are small.
-    # Only the token ids' length (77) and range (< vocab) matter for the compute.
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    components = {}
-    with torch.device(device):
-        components["unet"] = _place(UNet2DConditionModel(**UNET_CONFIGS[family]), device, dtype)
-        components["vae"] = _place(AutoencoderKL(**VAE_CONFIG, **VAE_FAMILY[family]), device, dtype)
-        components["text_encoder"] = _place(CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L, **ids)), device, dtype)
-        if family == "sdxl":
-            encoder = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, **ids))
-            components["text_encoder_2"] = _place(encoder, device, dtype)
-    components["tokenizer"] = tokenizer
-    return components
-
-
-def _place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
-    module.to(device)  # a no-op where the device context already put it there
-    return module if dtype == torch.float32 else module.to(dtype)
-
-
-def build_full_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
-    """A real StableDiffusionXLPipeline / StableDiffusionPipeline (the classes training uses) of
-    full-size random components, on ``device`` in ``dtype``, every component in eval mode."""
-    parts = build_full_components(family, device, dtype)
-    if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            **parts,
-            tokenizer_2=tiny_tokenizer(),
-            scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **NOISE_SCHEDULE),
-            add_watermarker=False,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            **parts,
-            scheduler=PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **NOISE_SCHEDULE),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    return pipe
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
@@ -31,14 +31,17 @@ from tqdm.auto import tqdm
 
 from ghibli_lab.data import ImageCaptionDataset, Record, Split, load_image, prepare_image, sample_seed
 from ghibli_lab.encode import encode_text, offload_encoders
+from ghibli_lab.hub import model_fingerprint
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when what is stored (or how it is computed) changes
+CACHE_VERSION = 2  # bump when what is stored (or how it is computed) changes
 
 
 def fingerprint(model_cfg: DictConfig, dtype: torch.dtype) -> dict:
-    """What the encoders' outputs depend on, besides the inputs."""
-    return {"v": CACHE_VERSION, **OmegaConf.to_container(model_cfg, resolve=True), "dtype": str(dtype)}
+    """What the encoders' outputs depend on besides the inputs: the model's weights (a local
+    directory's files, a hub revision; not just its name) and the text encoders' dtype. Latents
+    don't depend on the training precision: the VAE always encodes in fp32."""
+    return {"v": CACHE_VERSION, **model_fingerprint(model_cfg), "dtype": str(dtype)}
 
 
 def entry_key(**parts) -> str:
@@ -95,10 +98,13 @@ def encode_records(
     latents_dir.mkdir(parents=True, exist_ok=True)
     text_dir.mkdir(parents=True, exist_ok=True)
     entries = []
+    if pipe.vae.dtype != torch.float32:
+        raise ValueError(f"the VAE must encode cached latents in float32, not {pipe.vae.dtype}")
+    latent_fp = {**model_fp, "dtype": "float32"}  # the VAE's, whatever the training precision
     for record in tqdm(records, desc="cache", leave=False, disable=len(records) < 32):
         entry = {"latents": [], "text": None}
         for flip in flips:
-            key = entry_key(model=model_fp, image=record.key, res=ds_cfg.resolution, crop="center", flip=flip)
+            key = entry_key(model=latent_fp, image=record.key, res=ds_cfg.resolution, crop="center", flip=flip)
             path = latents_dir / f"{key}.safetensors"
             if not _readable(path):
                 pixels, original_size, crop = prepare_image(load_image(record), ds_cfg.resolution, True, False, flip=flip)

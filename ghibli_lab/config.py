@@ -28,7 +28,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 @dataclass
 class ModelConfig:
     family: str = MISSING  # "sdxl" | "sd15": selects the pipeline class and the conditioning
-    pretrained: str = MISSING  # hub id, local directory, or "tiny" (random weights built in code)
+    pretrained: str = MISSING  # hub id, local directory, "tiny" or "random" (full size): random weights built in code
     vae: Optional[str] = MISSING  # optional VAE override, e.g. madebyollin/sdxl-vae-fp16-fix
     variant: Optional[str] = MISSING  # weight file variant on the hub, e.g. "fp16"
 

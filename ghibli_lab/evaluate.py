@@ -32,7 +32,7 @@ from ghibli_lab.adapters import loaded_adapter, without_adapter
 from ghibli_lab.config import CONF_DIR, register_configs
 from ghibli_lab.data import ImageCaptionDataset, load_image, load_split, prepare_image
 from ghibli_lab.encode import encode_validation_set, eval_mode
-from ghibli_lab.hub import OfflineError, model_fingerprint
+from ghibli_lab.hub import BUILT_IN_CODE, OfflineError, model_fingerprint
 from ghibli_lab.loss import validation_loss
 from ghibli_lab.metrics import (
     HEADLINE,
@@ -76,7 +76,8 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         train_cfg = load_run_config(run)
         if not (run / "lora").is_dir():
             raise FileNotFoundError(f"{run} has no lora/ dir: did its training finish?")
-        kind = e.features if e.features != "auto" else ("tiny" if train_cfg.model.pretrained == "tiny" else "inception")
+        # Random-weight models (tiny, or full size built in code) make noise: tiny features suffice.
+        kind = e.features if e.features != "auto" else ("tiny" if train_cfg.model.pretrained in BUILT_IN_CODE else "inception")
         cache_dir = Path(cfg.cache_dir or train_cfg.cache_dir).resolve()
         if kind not in features:  # before any model loads, so a missing feature file fails fast
             features[kind] = load_feature_models(kind, cache_dir, clip_model=e.clip_model, inception_path=e.inception_path, device=device())

@@ -13,6 +13,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 HUB_URL = "https://huggingface.co"
+# model.pretrained values that are no hub id or folder: models built in code with random weights
+# (tiny test models; the full-size published architectures).
+BUILT_IN_CODE = ("tiny", "random")
 
 
 class OfflineError(RuntimeError):
@@ -79,9 +82,9 @@ def source_fingerprint(name: str, repo_type: str = "model", probe_file: str = "m
 
 
 def model_fingerprint(model_cfg) -> dict:
-    """The model config plus the fingerprint of its weights (``tiny`` models are built in code)."""
+    """The model config plus the fingerprint of its weights (unless built in code, seeded)."""
     fingerprint = {k: model_cfg[k] for k in ("family", "pretrained", "vae", "variant")}
-    if model_cfg.pretrained != "tiny":
+    if model_cfg.pretrained not in BUILT_IN_CODE:
         fingerprint["weights"] = source_fingerprint(model_cfg.pretrained)
     if model_cfg.vae:
         fingerprint["vae_weights"] = source_fingerprint(model_cfg.vae, probe_file="config.json")

@@ -7,6 +7,8 @@ weights are random, seeded and built in code, so tests and the demo need no down
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -23,7 +25,7 @@ from omegaconf import DictConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from ghibli_lab.hub import OfflineError, check_hub_resource
+from ghibli_lab.hub import BUILT_IN_CODE, OfflineError, check_hub_resource
 
 PIPELINE_CLASSES = {"sdxl": StableDiffusionXLPipeline, "sd15": StableDiffusionPipeline}
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
@@ -47,10 +49,18 @@ def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model_cfg: DictConfig, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
-    """Return the SDXL or SD 1.5 pipeline named by ``model_cfg``, on the CPU, in ``dtype``."""
+    """Return the SDXL or SD 1.5 pipeline named by ``model_cfg``, on the CPU, in ``dtype``.
+
+    ``pretrained=tiny``: the tiny test models; ``pretrained=random``: the full-size published
+    architecture with random weights (seeded), to try a setup end to end before downloading."""
     check_model_source(model_cfg)
-    if model_cfg.pretrained == "tiny":
-        pipe = build_tiny_pipeline(model_cfg.family)
+    if model_cfg.pretrained in BUILT_IN_CODE:
+        if model_cfg.pretrained == "tiny":
+            pipe = build_tiny_pipeline(model_cfg.family)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(TINY_SEED)
+                pipe = build_full_pipeline(model_cfg.family, "cpu", torch.float32)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     cls = PIPELINE_CLASSES[model_cfg.family]
     kwargs = {}
@@ -68,7 +78,7 @@ def check_model_source(model_cfg: DictConfig) -> None:
     """Fail fast, before loading anything, if the model can't be found or fetched."""
     if model_cfg.family not in PIPELINE_CLASSES:
         raise ValueError(f"model.family={model_cfg.family!r} is not one of {', '.join(PIPELINE_CLASSES)}")
-    if model_cfg.pretrained != "tiny":
+    if model_cfg.pretrained not in BUILT_IN_CODE:
         check_hub_resource(model_cfg.pretrained, "model", "model.pretrained", "model_index.json")
     if model_cfg.vae:
         check_hub_resource(model_cfg.vae, "model", "model.vae", "config.json")
@@ -196,3 +206,138 @@ def _tiny_pipeline(family: str) -> DiffusionPipeline:
             scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **NOISE_SCHEDULE),
             add_watermarker=False,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Full-size architectures, from the published configs (model_index.json and each component's
+# config.json) of stabilityai/stable-diffusion-xl-base-1.0 and stable-diffusion-v1-5/stable-diffusion-v1-5.
+# Keys left out equal diffusers' / transformers' defaults. Parameter counts (checked in the tests):
+# SDXL UNet 2,567,463,684; SD 1.5 UNet 859,520,964; VAE 83,653,863; CLIP ViT-L text 123,060,480;
+# OpenCLIP bigG text + projection 694,659,840.
+
+UNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "sdxl": dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20),  # the number of heads, in diffusers' historical naming
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP bigG), concatenated
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 size/crop numbers x 256 + 1280 pooled
+        norm_num_groups=32,
+        norm_eps=1e-5,
+    ),
+    "sd15": dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=8,
+        cross_attention_dim=768,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+    ),
+}
+
+VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    act_fn="silu",
+)
+VAE_FAMILY = {
+    "sdxl": dict(sample_size=1024, scaling_factor=0.13025),
+    "sd15": dict(sample_size=512, scaling_factor=0.18215),
+}
+
+# SD 1.5's only text encoder and SDXL's first: OpenAI CLIP ViT-L/14's text tower.
+CLIP_VIT_L: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    layer_norm_eps=1e-5,
+)
+# SDXL's second: OpenCLIP ViT-bigG/14's text tower with its projection (pooled output).
+OPENCLIP_BIGG: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=1280,
+    layer_norm_eps=1e-5,
+)
+
+
+def build_full_components(family: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
+    """The full-size UNet, VAE and text encoder(s) of ``family`` with random weights, built on
+    ``device`` (no slow CPU init of 2.6B parameters on a GPU box; ``"meta"`` for shapes only) and
+    cast to ``dtype`` one component at a time, so at most one of them is ever in fp32 there."""
+    tokenizer = tiny_tokenizer()
+    # The real tokenizers' special ids are 49406/49407; the byte-level test tokenizer's are small.
+    # Only the token ids' length (77) and range (< vocab) matter for the compute.
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    components = {}
+    with torch.device(device):
+        components["unet"] = _place(UNet2DConditionModel(**UNET_CONFIGS[family]), device, dtype)
+        components["vae"] = _place(AutoencoderKL(**VAE_CONFIG, **VAE_FAMILY[family]), device, dtype)
+        components["text_encoder"] = _place(CLIPTextModel(CLIPTextConfig(**CLIP_VIT_L, **ids)), device, dtype)
+        if family == "sdxl":
+            encoder = CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, **ids))
+            components["text_encoder_2"] = _place(encoder, device, dtype)
+    components["tokenizer"] = tokenizer
+    return components
+
+
+def _place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    module.to(device)  # a no-op where the device context already put it there
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
+def build_full_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
+    """A real StableDiffusionXLPipeline / StableDiffusionPipeline (the classes training uses) of
+    full-size random components, on ``device`` in ``dtype``, every component in eval mode."""
+    parts = build_full_components(family, device, dtype)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            **parts,
+            tokenizer_2=tiny_tokenizer(),
+            scheduler=EulerDiscreteScheduler(timestep_spacing="leading", **NOISE_SCHEDULE),
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts,
+            scheduler=PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **NOISE_SCHEDULE),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ghibli_lab.adapters import adapted_models
 from ghibli_lab.data import collate
 from ghibli_lab.encode import set_train_mode
-from ghibli_lab.pipeline import is_sdxl, weight_dtype
+from ghibli_lab.pipeline import weight_dtype
 
 
 def make_accelerator(mixed_precision: str, grad_accum: int = 1, seed: int | None = None) -> tuple[Accelerator, torch.dtype]:
@@ -34,15 +34,19 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, seed: int | None
     return accelerator, weight_dtype(mixed_precision, accelerator.device)
 
 
-def prepare_for_training(pipe: DiffusionPipeline, train_cfg: DictConfig, device: torch.device, dtype: torch.dtype, stock_vae: bool) -> None:
-    """Frozen weights in ``dtype`` on ``device``; adapter weights stay fp32, so the optimizer never
-    sees fp16 gradients ("Attempting to unscale FP16 gradients"); speed and memory switches."""
+def prepare_for_training(pipe: DiffusionPipeline, train_cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Frozen UNet and text encoders in ``dtype`` on ``device``; adapter weights stay fp32, so the
+    optimizer never sees fp16 gradients ("Attempting to unscale FP16 gradients"); the VAE stays
+    fp32 (see below); speed and memory switches."""
     models = adapted_models(pipe)
     pipe.to(device)
     if dtype != torch.float32:
-        pipe.to(dtype=dtype)
-    if dtype == torch.float16 and stock_vae and is_sdxl(pipe):
-        pipe.vae.to(dtype=torch.float32)  # the stock SDXL VAE overflows in fp16 (NaNs, black images)
+        # Not the VAE: latents encoded in bf16 differ from fp32 ones by ~1% (measured on the tiny
+        # VAE), and the stock SDXL VAE overflows in fp16 (NaNs, black images). The diffusers
+        # reference scripts keep it in fp32 too; with the latent cache, encoding is a one-time cost.
+        for name in ("unet", "text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(dtype=dtype)
     set_train_mode(pipe, True)
     cast_training_params(list(models.values()), dtype=torch.float32)
     if device.type == "cuda":

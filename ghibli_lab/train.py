@@ -49,7 +49,7 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
         pipe = pipeline.load_pipeline(cfg.model)
         data.report_captions(split, pipe.tokenizer, run_dir, write=main_process)
         params = adapters.attach_lora(pipe, cfg.lora)
-        step.prepare_for_training(pipe, cfg.train, accelerator.device, dtype, stock_vae=not cfg.model.vae)
+        step.prepare_for_training(pipe, cfg.train, accelerator.device, dtype)
         train_set, val_set, cache_stats = cache.build_datasets(pipe, split, cfg, dtype, accelerator)
         state = loop.fit(pipe, params, (train_set, val_set), cfg, accelerator, dtype, tracker, stop, run_dir, resume_from)
         extra = {

@@ -20,7 +20,6 @@ from ghibli_lab.bench import (
     OOM,
     BenchConfigError,
     bench,
-    build_full_components,
     build_setup,
     check_bench_config,
     count_flops,
@@ -29,6 +28,7 @@ from ghibli_lab.bench import (
     step_flops,
     step_loss,
 )
+from ghibli_lab.pipeline import build_full_components
 
 from .conftest import CONF_DIR, ROOT
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from ghibli_lab.cache import CachedDataset, encode_records, fingerprint
 from ghibli_lab.data import load_records
 from ghibli_lab.pipeline import build_tiny_pipeline
+from ghibli_lab.step import prepare_for_training
 from ghibli_lab.encode import encode_text
 from ghibli_lab.train import train
 
@@ -90,7 +91,26 @@ def test_entries_are_keyed_by_content_and_pair_the_right_caption(tiny_cfg, tmp_p
     assert stats == {"encoded": 4, "reused": 8}  # new captions; same images
     stats = {"encoded": 0, "reused": 0}
     encode_records(tiny_sdxl, records, cfg.dataset, tmp_path, fingerprint(cfg.model, torch.bfloat16), (False,), False, stats)
-    assert stats == {"encoded": 4, "reused": 0}  # another dtype is another model fingerprint
+    assert stats == {"encoded": 0, "reused": 4}  # latents don't depend on the training precision (fp32 VAE)
+    stats = {"encoded": 0, "reused": 0}
+    encode_records(tiny_sdxl, records, cfg.dataset, tmp_path, fingerprint(cfg.model, torch.bfloat16), (False,), True, stats)
+    assert stats == {"encoded": 4, "reused": 4}  # text embeddings do: the encoders run in that dtype
+
+
+def test_cached_latents_are_encoded_in_fp32_whatever_the_training_precision(tiny_cfg, tmp_path):
+    """bf16 training keeps the VAE in fp32, so its cached latents are exactly an fp32 pipeline's."""
+    cfg = tiny_cfg("train.mixed_precision=bf16")
+    records = load_records(cfg.dataset, cfg.cache_dir)[:3]
+    reference = build_tiny_pipeline("sdxl")
+    bf16 = build_tiny_pipeline("sdxl")
+    prepare_for_training(bf16, cfg.train, torch.device("cpu"), torch.bfloat16)
+    assert bf16.unet.dtype == torch.bfloat16 and bf16.text_encoder.dtype == torch.bfloat16
+    assert bf16.vae.dtype == torch.float32
+    stats = {"encoded": 0, "reused": 0}
+    a = encode_records(reference, records, cfg.dataset, tmp_path / "a", fingerprint(cfg.model, torch.float32), (False,), False, stats)
+    b = encode_records(bf16, records, cfg.dataset, tmp_path / "b", fingerprint(cfg.model, torch.bfloat16), (False,), False, stats)
+    for x, y in zip(a, b):
+        assert torch.equal(load_file(x["latents"][0])["latent_moments"], load_file(y["latents"][0])["latent_moments"])
 
 
 def test_damaged_entry_is_re_encoded_and_no_temp_files_remain(tiny_cfg, tmp_path, tiny_sdxl):
