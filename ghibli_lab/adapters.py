@@ -10,6 +10,8 @@ The one module that knows what an adapter is. A new adapter type is an entry in 
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -73,8 +75,24 @@ def adapted_models(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     return models
 
 
-def save_lora(pipe: DiffusionPipeline, out_dir: str | Path) -> dict[str, Path]:
-    """Write the adapter in diffusers and kohya format into ``out_dir``; return both paths."""
+# What a loader needs to rebuild the adapter (diffusers passes these to peft.LoraConfig). PEFT 0.21's
+# full to_dict() has fields that older PEFT versions refuse ("unexpected keyword argument").
+METADATA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_dora", "use_rslora")
+
+
+def adapter_metadata(model: torch.nn.Module) -> dict:
+    config = model.peft_config[ADAPTER].to_dict()
+    metadata = {k: config[k] for k in METADATA_FIELDS if k in config}
+    if isinstance(metadata.get("target_modules"), (set, list, tuple)):
+        metadata["target_modules"] = sorted(metadata["target_modules"])  # the same bytes every time
+    return metadata
+
+
+def save_lora(pipe: DiffusionPipeline, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """Write the adapter in diffusers and kohya format, in ``dtype``, into ``out_dir``; return both
+    paths. Identical weights give identical bytes, and the files are readable as the umask allows
+    (safetensors' temp-file write leaves 0600, which a ComfyUI server running as another user
+    can't read)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = adapted_models(pipe)
@@ -83,15 +101,49 @@ def save_lora(pipe: DiffusionPipeline, out_dir: str | Path) -> dict[str, Path]:
         # PEFT keys (lora_A/lora_B) as they are. convert_state_dict_to_diffusers rewrites only the
         # attention keys (to lora.down/up) and leaves conv/proj keys alone; load_lora_weights then
         # reads the mixed file as PEFT format and silently drops every attention weight.
-        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model)
+        state = {k: v.detach().to(dtype) for k, v in get_peft_model_state_dict(model).items()}
+        if name in TEXT_ENCODERS:
+            # The CLIP layout every loader knows (text_model.encoder...): transformers 5 dropped the
+            # text_model level, and diffusers strips it again when the loading model lacks it.
+            state = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v for k, v in state.items()}
+        layers[f"{name}_lora_layers"] = state
         # Without the adapter metadata, save_lora_weights drops lora_alpha and a reload uses
         # alpha = rank: a different adapter whenever alpha != rank (stack-facts, "Saving loses alpha").
-        metadata[f"{name}_lora_adapter_metadata"] = model.peft_config[ADAPTER].to_dict()
+        metadata[f"{name}_lora_adapter_metadata"] = adapter_metadata(model)
     type(pipe).save_lora_weights(out_dir, **layers, **metadata, safe_serialization=True)
 
     kohya_path = out_dir / KOHYA_FILE
-    save_file(kohya_state_dict(pipe), kohya_path, metadata=kohya_metadata(pipe))
-    return {"diffusers": out_dir / DIFFUSERS_FILE, "kohya": kohya_path}
+    tensors = {k: v.to(dtype) for k, v in kohya_state_dict(pipe).items()}
+    save_file(tensors, kohya_path, metadata=kohya_metadata(pipe))
+    paths = {"diffusers": out_dir / DIFFUSERS_FILE, "kohya": kohya_path}
+    for path in paths.values():
+        canonical_header(path)
+        os.chmod(path, 0o666 & ~current_umask())
+    return paths
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def canonical_header(path: Path) -> None:
+    """Sort a safetensors file's ``__metadata__`` in place. safetensors writes it from a hash map,
+    in a different order in every process, so identical weights would give different bytes.
+    Reordering keeps the header's length, so only those bytes are rewritten."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # never: the same content in another order
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))  # safetensors pads its header with spaces
 
 
 def kohya_state_dict(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:

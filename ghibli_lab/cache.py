@@ -34,7 +34,7 @@ from ghibli_lab.encode import encode_text, offload_encoders
 from ghibli_lab.hub import model_fingerprint
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when what is stored (or how it is computed) changes
+CACHE_VERSION = 3  # bump when what is stored (or how it is computed) changes
 
 
 def fingerprint(model_cfg: DictConfig, dtype: torch.dtype) -> dict:
@@ -175,17 +175,35 @@ class CachedDataset(Dataset):
 
 
 def _readable(path: Path) -> bool:
+    """Whether a cache entry can be used: it opens, and its tensors still hash to the checksum
+    written with them. A file damaged by something else (a full disk, a bad copy, a payload
+    zeroed under an intact header) is re-encoded, not trusted."""
     if not path.is_file():
         return False
-    try:  # a file damaged by something else (a full disk, a bad copy) is re-encoded, not trusted
+    try:
         with safe_open(path, "pt") as f:
-            return bool(list(f.keys()))
+            expected = (f.metadata() or {}).get("sha256")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception:
         log.warning("cache entry %s is unreadable; re-encoding it", path)
         return False
+    if not tensors or expected != _digest(tensors):
+        log.warning("cache entry %s does not match its checksum; re-encoding it", path)
+        return False
+    return True
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _atomic_save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    save_file(tensors, tmp, metadata={"sha256": _digest(tensors)})
     os.replace(tmp, path)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ghibli_lab.adapters import save_lora
@@ -48,7 +49,8 @@ def save_checkpoint(
     keep: int,
 ) -> Path | None:
     """Write ``checkpoints/step_<step>`` atomically, then prune to the newest ``keep``.
-    Returns its path, or None when there was not enough disk space (nothing is removed then)."""
+    Returns its path, or None when it could not be written (too little free disk space, or a
+    write that failed part-way): then nothing older is removed and no partial dir is left."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -64,6 +66,25 @@ def save_checkpoint(
         return None
 
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
+    try:
+        _write(tmp, step, pipe, params, optimizer, lr_scheduler, scaler, loop_state)
+    except (OSError, SafetensorError, RuntimeError) as err:  # a disk that fills up mid-save, say
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)[0]
+        log.error(
+            "checkpoint step %d could not be written (%s); keeping %s",
+            step, err, previous.name if previous else "no earlier checkpoint",
+        )
+        return None
+    if final.exists():  # only if a run is re-saving a step it already saved
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _prune(root, keep)
+    return final
+
+
+def _write(tmp: Path, step: int, pipe, params, optimizer, lr_scheduler, scaler, loop_state: dict[str, Any]) -> None:
+    """Every file of a checkpoint into ``tmp``, flushed to disk, the marker last."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_lora(pipe, tmp / "lora")  # loadable on its own, as at the end of training
@@ -81,11 +102,6 @@ def save_checkpoint(
     (tmp / "loop_state.json").write_text(json.dumps(state))
     _fsync_dir(tmp)
     (tmp / MARKER).write_text(str(step))
-    if final.exists():  # only if a run is re-saving a step it already saved
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _prune(root, keep)
-    return final
 
 
 def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer, lr_scheduler, scaler) -> dict:

@@ -58,6 +58,7 @@ class LoraConfig:
     target_modules: list[str] = MISSING
     text_encoder: bool = MISSING  # also train LoRA on the text encoder(s), both on SDXL
     text_encoder_target_modules: list[str] = MISSING
+    save_dtype: str = MISSING  # fp16 | bf16 | fp32: the exported files (training is always fp32)
 
 
 @dataclass
@@ -219,6 +220,10 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="report_schema", node=ReportConfig)
     if not OmegaConf.has_resolver("swept"):
         OmegaConf.register_new_resolver("swept", swept_values)
+    if not OmegaConf.has_resolver("eval_output"):
+        from ghibli_lab.runs import eval_output_dir  # paths only, no heavy imports
+
+        OmegaConf.register_new_resolver("eval_output", eval_output_dir)
     if not OmegaConf.has_resolver("launch_time"):
         OmegaConf.register_new_resolver("launch_time", lambda fmt: launch_time().strftime(fmt))
 
@@ -276,6 +281,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "logger.name": ("wandb", "none"),
     "train.nonfinite": ("stop", "skip"),
+    "lora.save_dtype": ("fp16", "bf16", "fp32"),
     "logger.mode": (None, "online", "offline", "disabled"),
 }
 

@@ -19,7 +19,8 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,7 +34,8 @@ from ghibli_lab.hub import check_hub_resource
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+OTHER_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".ico")  # reported, not read
 SYNTHETIC_VERSION = "v1"  # bump when make_synthetic_image changes, so stale caches aren't reused
 
 
@@ -91,15 +93,48 @@ def _existing_dir(path: str | None) -> Path:
 
 
 def find_images(root: Path) -> list[Path]:
-    """Image files under ``root`` (recursive, extension case-insensitive), sorted by relative path."""
-    found = []
+    """Image files under ``root`` (recursive, extension case-insensitive), sorted by relative path.
+
+    Symlinked folders inside the dataset are followed, each real folder once (a link back to a
+    parent would otherwise loop forever); files and folders whose real path lies outside the
+    dataset root are not read (a link could expose any file to training), and are reported.
+    Files of image types we don't read (GIF, HEIC, ...) are reported too, never silently dropped."""
+    real_root = root.resolve()
+    found, outside, unsupported, seen = [], [], [], set()
     # followlinks: datasets are often assembled from symlinked folders.
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen or not real.is_relative_to(real_root):
+            if not real.is_relative_to(real_root):
+                outside.append(dirpath)
+            dirnames[:] = []
+            continue
+        seen.add(real)
         # Hidden entries are not training data: .ipynb_checkpoints copies, macOS "._x.png" stubs.
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        names = [f for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-        found += [Path(dirpath, f) for f in names]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath, name)
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                if path.resolve().is_relative_to(real_root):
+                    found.append(path)
+                else:
+                    outside.append(str(path))
+            elif name.lower().endswith(OTHER_IMAGE_EXTENSIONS):
+                unsupported.append(str(path))
+    if outside:
+        log.warning("dataset.path=%s: %d links point outside the dataset folder and are not read (e.g. %s)",
+                    root, len(outside), outside[0])
+    if unsupported:
+        log.warning("dataset.path=%s: %d files of an image type not read here are skipped (e.g. %s); "
+                    "convert them to PNG or JPEG (read: %s)", root, len(unsupported), unsupported[0], ", ".join(IMAGE_EXTENSIONS))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path``'s real location (links resolved) is inside ``root``'s."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
 def _folder_records(root: Path, ds_cfg: DictConfig) -> list[Record]:
@@ -113,7 +148,8 @@ def _folder_records(root: Path, ds_cfg: DictConfig) -> list[Record]:
     records = []
     for image in images:
         txt = image.with_suffix(".txt")
-        raw = _read_text(txt) if txt.is_file() else metadata.get(image.relative_to(root).as_posix())
+        own = txt.is_file() and inside(txt, root)  # a caption link to a file outside is not read
+        raw = _read_text(txt) if own else metadata.get(image.relative_to(root).as_posix())
         key = _sha256(image.read_bytes())
         caption, captioned = _caption(raw, ds_cfg)
         records.append(Record(key, str(image), caption, path=str(image), captioned=captioned))
@@ -192,7 +228,9 @@ def _hub_records(ds_cfg: DictConfig) -> list[Record]:
     # decode=False gives the encoded bytes: hashable, and decoded only when the trainer needs them.
     ds = ds.select_columns(list(dict.fromkeys([image_col, caption_col])))
     ds = ds.cast_column(image_col, datasets.Image(decode=False))
-    records, skipped = [], 0
+    records, skipped, outside = [], 0, 0
+    allowed_roots = [local] if local.is_dir() else []
+    allowed_roots.append(Path(datasets.config.HF_DATASETS_CACHE))
     for i, row in enumerate(ds):
         image, row_name = row[image_col] or {}, f"{name}#{i}"
         caption, captioned = _caption(row[caption_col], ds_cfg)
@@ -200,12 +238,17 @@ def _hub_records(ds_cfg: DictConfig) -> list[Record]:
             data = image["bytes"]
             records.append(Record(_sha256(data), row_name, caption, data=data, captioned=captioned))
         elif image.get("path") and Path(image["path"]).is_file():  # e.g. imagefolder rows point at files
+            if not any(inside(image["path"], allowed) for allowed in allowed_roots):
+                outside += 1  # a row naming any file on the machine is not read
+                continue
             data = Path(image["path"]).read_bytes()
             records.append(Record(_sha256(data), row_name, caption, path=image["path"], captioned=captioned))
         else:
             skipped += 1
     if skipped:
         log.warning("dataset.path=%s: skipped %d rows without an image", name, skipped)
+    if outside:
+        log.warning("dataset.path=%s: skipped %d rows whose image path lies outside the dataset", name, outside)
     if not records:
         raise ValueError(f"dataset.path={name!r} holds no images in dataset.image_column={image_col!r}")
     return records
@@ -253,9 +296,15 @@ class Split:
     report: dict
 
 
-def load_split(ds_cfg: DictConfig, cache_dir: str | Path, run_dir: Path | None = None) -> Split:
+SPLIT_FILE = "split.json"  # in a run dir: the image keys training used and held out
+
+
+def load_split(ds_cfg: DictConfig, cache_dir: str | Path, run_dir: Path | None = None, stored: Path | None = None) -> Split:
     """Records of ``ds_cfg``, decoded once (broken files skipped and listed, never touched), split
-    90/10 by content. With too few usable images the report still goes to ``run_dir``."""
+    90/10 by content. The split a run trained with is written to ``run_dir/split.json`` and read
+    back from there (or from ``stored``) by a resume and by evaluation, so deleting or adding
+    files later never moves a trained-on image into the held-out set. With too few usable images
+    the preflight report still goes to ``run_dir``."""
     records = load_records(ds_cfg, cache_dir)
     try:
         records, report = preflight(records, ds_cfg.resolution)
@@ -265,10 +314,43 @@ def load_split(ds_cfg: DictConfig, cache_dir: str | Path, run_dir: Path | None =
         raise
     if report["skipped"]:
         log.warning("%d of %d files skipped (listed in data_report.json)", len(report["skipped"]), report["n_total"])
-    train, holdout = split_records(records, ds_cfg.holdout_fraction)
+    path = Path(run_dir) / SPLIT_FILE if run_dir is not None else stored
+    if path is not None and path.is_file():
+        train, holdout = _stored_split(records, json.loads(path.read_text()), path)
+    else:
+        train, holdout = split_records(records, ds_cfg.holdout_fraction)
+        if run_dir is not None:
+            _write_json_atomic(path, {"train": [[r.key, r.name] for r in train], "holdout": [[r.key, r.name] for r in holdout]})
     if not train:
         raise ValueError(f"dataset {ds_cfg.name!r} leaves no training images after the hold-out split")
     return Split(records, train, holdout, report)
+
+
+def _stored_split(records: list[Record], stored: dict, path: Path) -> tuple[list[Record], list[Record]]:
+    """The recorded split applied to the records there are now, in the recorded order."""
+    by_key: dict[str, Record] = {}
+    for r in records:
+        best = by_key.get(r.key)
+        if best is None or (r.name, r.caption) < (best.name, best.caption):
+            by_key[r.key] = r
+    sides = []
+    for side in ("train", "holdout"):
+        missing = [name for key, name in stored[side] if key not in by_key]
+        if missing:
+            log.warning("%d %s images recorded in %s are missing now (e.g. %s); using the %d left",
+                        len(missing), side, path, missing[0], len(stored[side]) - len(missing))
+        sides.append([by_key[key] for key, _ in stored[side] if key in by_key])
+    known = {key for side in ("train", "holdout") for key, _ in stored[side]}
+    new = [r.name for r in by_key.values() if r.key not in known]
+    if new:
+        log.warning("%d images are new since %s was written (e.g. %s); this run does not use them", len(new), path, new[0])
+    return sides[0], sides[1]
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def report_captions(split: Split, tokenizer, run_dir: Path, write: bool = True) -> None:
@@ -392,6 +474,7 @@ def collate(batch: list[dict]) -> dict:
 
 SMALL_POLICY = "kept; upscaled to the training resolution by the normal resize"
 DECODE_THREADS = 8  # Pillow's decoders release the GIL, so threads decode in parallel
+DECODE_PIXEL_BUDGET = 64_000_000  # pixels decoded at once, ~1 GB of RGBA: eight 1024 px images fit many times
 
 
 class PreflightError(ValueError):
@@ -479,19 +562,51 @@ def _decode_all(records: list[Record]) -> list[tuple[str | None, str, tuple[int,
         first.setdefault(r.key, r)
     unique = list(first.values())
     workers = max(1, min(DECODE_THREADS, os.cpu_count() or 1, len(unique)))
+    budget = _PixelBudget(DECODE_PIXEL_BUDGET)
     with ThreadPoolExecutor(workers) as pool:
-        by_key = dict(zip(first, pool.map(_check, unique)))
+        by_key = dict(zip(first, pool.map(lambda r: _check(r, budget), unique)))
     return [by_key[r.key] for r in records]
 
 
-def _check(record: Record) -> tuple[str | None, str, tuple[int, int]]:
+class _PixelBudget:
+    """At most ``limit`` pixels being decoded at once (one image of any size always may): eight
+    threads each decoding a 96-Mpx PNG held 8 GB. Sizes come from the header, before decoding."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    @contextmanager
+    def take(self, pixels: int) -> Iterator[None]:
+        with self.cond:
+            self.cond.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= pixels
+                self.cond.notify_all()
+
+
+def _check(record: Record, budget: "_PixelBudget | None" = None) -> tuple[str | None, str, tuple[int, int]]:
     try:
-        rgb, mode = _decode(record)
+        with budget.take(_pixels(record)) if budget else nullcontext():
+            rgb, mode = _decode(record)
     except MemoryError:
         raise  # the machine's problem, not the file's
     except Exception as e:  # noqa: BLE001 - malformed files make decoders raise all sorts (struct.error, ...)
         return _skip_reason(record, e), "", (0, 0)
     return None, mode, rgb.size
+
+
+def _pixels(record: Record) -> int:
+    """Width x height from the header (no decoding); 0 when unreadable (the decode then says why)."""
+    try:
+        with Image.open(record.path if record.path is not None else io.BytesIO(record.data or b"")) as im:
+            return im.width * im.height
+    except Exception:  # noqa: BLE001 - any unreadable header: the full decode reports it
+        return 0
 
 
 def _skip_reason(record: Record, e: Exception) -> str:
@@ -542,6 +657,9 @@ def _log_report(report: dict) -> None:
                     "dataset.caption_prefix)", report["empty_captions"])
 
 
+CAPTION_HEAD = 4096  # characters of a caption tokenised to count its length (max_tokens: at least)
+
+
 def caption_length_report(records: list[Record], tokenizer, max_length: int = 77) -> dict:
     """Captions longer than the text encoder's window: {"too_long": count of records,
     "max_tokens": the longest caption in tokens, "examples": the first 5 such record names,
@@ -551,8 +669,11 @@ def caption_length_report(records: list[Record], tokenizer, max_length: int = 77
     captions = list(dict.fromkeys(r.caption for r in records))  # many records share the default caption
     n_tokens = {}
     if captions:
+        # Only the head of a huge caption: a token spans at most a few dozen characters, so
+        # CAPTION_HEAD characters are far past max_length tokens (a 5 MB caption took 15 s and 1 GB).
         # verbose=False: transformers would otherwise warn about every over-long caption.
-        ids = tokenizer(captions, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        heads = [c[:CAPTION_HEAD] for c in captions]
+        ids = tokenizer(heads, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         n_tokens = {c: len(i) for c, i in zip(captions, ids)}
     long = [r for r in records if n_tokens[r.caption] > max_length]
     report = {

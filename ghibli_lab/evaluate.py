@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ghibli_lab.adapters import loaded_adapter, without_adapter
 from ghibli_lab.config import CONF_DIR, register_configs
-from ghibli_lab.data import ImageCaptionDataset, load_image, load_split, prepare_image
+from ghibli_lab.data import SPLIT_FILE, ImageCaptionDataset, load_image, load_split, prepare_image
 from ghibli_lab.encode import encode_validation_set, eval_mode
 from ghibli_lab.hub import BUILT_IN_CODE, OfflineError, model_fingerprint
 from ghibli_lab.loss import validation_loss
@@ -49,9 +49,9 @@ from ghibli_lab.metrics import (
     score,
 )
 from ghibli_lab.pipeline import load_pipeline, training_scheduler
-from ghibli_lab.runs import find_runs, load_run_config
+from ghibli_lab.runs import find_runs, holds_runs, load_run_config
 from ghibli_lab.sampling import generate
-from ghibli_lab.tracking import wandb_mode
+from ghibli_lab.tracking import log_side_run
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -71,11 +71,17 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         raise ValueError("eval.images_per_prompt and eval.steps must be >= 1, eval.bootstrap_draws >= 100")
     if e.features not in ("auto", "inception", "clip", "tiny") or e.scheduler not in ("ddpm", "ddim"):
         raise ValueError(f"eval.features must be auto|inception|clip|tiny and eval.scheduler ddpm|ddim, got {e.features!r}, {e.scheduler!r}")
+    unfinished = [run for run in runs if not (run / "lora").is_dir()]
+    if len(unfinished) == len(runs):
+        raise FileNotFoundError(
+            f"{runs[0] if len(runs) == 1 else root}: no finished run (no lora/ dir): did training finish?"
+        )
+    for run in unfinished:
+        log.warning("not evaluated: %s has no lora/ dir (its training did not finish)", run.name)
+    runs = [run for run in runs if run not in unfinished]
     pipes, features, results = {}, {}, []
     for run in tqdm(runs, desc="evaluate", disable=len(runs) == 1):
         train_cfg = load_run_config(run)
-        if not (run / "lora").is_dir():
-            raise FileNotFoundError(f"{run} has no lora/ dir: did its training finish?")
         # Random-weight models (tiny, or full size built in code) make noise: tiny features suffice.
         kind = e.features if e.features != "auto" else ("tiny" if train_cfg.model.pretrained in BUILT_IN_CODE else "inception")
         cache_dir = Path(cfg.cache_dir or train_cfg.cache_dir).resolve()
@@ -83,8 +89,8 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
             features[kind] = load_feature_models(kind, cache_dir, clip_model=e.clip_model, inception_path=e.inception_path, device=device())
         fm = features[kind]
 
-        # The same records training used: its preflight is deterministic, so the split is the same.
-        holdout = load_split(train_cfg.dataset, train_cfg.cache_dir).holdout
+        # The images training held out: recorded in the run dir (older runs: the same deterministic split).
+        holdout = load_split(train_cfg.dataset, train_cfg.cache_dir, stored=run / SPLIT_FILE).holdout
         if len(holdout) < 2:
             raise ValueError(f"{run}: the run held out {len(holdout)} image(s); evaluation needs at least 2 (dataset.holdout_fraction)")
         resolution = e.resolution or train_cfg.dataset.resolution
@@ -175,11 +181,11 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
             run.name, metrics["lora"][HEADLINE], metrics["base"][HEADLINE], d.get("diff", math.nan),
             d.get("low", math.nan), d.get("high", math.nan), sizes["n_fake"],
         )
-        update_wandb_summary(run, result, name)
+        log_evaluation(run, result, name)
         results.append({"run": run, **result})
 
     if len(runs) > 1 or runs[0] != root:
-        write_tables(root, results, name)
+        write_tables(root, results, name, unfinished)
     return results
 
 
@@ -265,7 +271,7 @@ COMPARABLE = ("n_real", "n_fake", "features", "feature_models", "resize", "sched
               "resolution", "images_per_prompt", "seed", "kid_subset_size", "clip_text")
 
 
-def write_tables(sweep_dir: Path, results: list[dict], name: str | None) -> None:
+def write_tables(sweep_dir: Path, results: list[dict], name: str | None, unfinished: list[Path] = ()) -> None:
     """``eval_table.csv`` / ``.md``: one row per run plus one per distinct base model, by KID, each
     row with its N and sampling protocol; LoRA − base with its 95% interval per run; the best run
     only where that interval says it beats its base."""
@@ -333,41 +339,34 @@ def write_tables(sweep_dir: Path, results: list[dict], name: str | None) -> None
         lines.append("WARNING: the runs were evaluated under different protocols (see each row's N and settings); compare like with like.")
     if p["fid_warning"]:
         lines.append(f"FID warning: {p['fid_warning']}")
+    if unfinished:
+        lines.append("Not evaluated (no lora/: training did not finish): " + ", ".join(r.name for r in unfinished))
     (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s", sweep_dir / f"{stem}.md")
 
 
-def update_wandb_summary(run: Path, result: dict, name: str | None) -> None:
-    """Add ``eval/<metric>`` (and ``eval/base_<metric>``) to the run's own W&B summary."""
-    summary_path = run / "summary.json"
-    if not summary_path.is_file():
-        return
-    ident = json.loads(summary_path.read_text()).get("wandb") or {}
-    if not ident.get("id") or ident.get("mode") == "disabled":
-        return
-    import wandb
-
+def log_evaluation(run: Path, result: dict, name: str | None) -> bool:
+    """The evaluation as its own W&B run (job_type "eval") in the training run's group."""
     prefix = f"eval/{name}/" if name else "eval/"
     values = {f"{prefix}{k}": v for k, v in result["lora"].items() if v is not None}
     values |= {f"{prefix}base_{k}": v for k, v in result["base"].items() if v is not None}
     for k, d in result["paired"].items():
         values |= {f"{prefix}{k}_diff": d["diff"], f"{prefix}{k}_diff_low": d["low"], f"{prefix}{k}_diff_high": d["high"]}
     values[f"{prefix}n"] = result["protocol"]["n_fake"]
-    mode = ident["mode"] if ident["mode"] != "online" else wandb_mode(OmegaConf.create({"name": "wandb", "mode": None}))
-    wb = wandb.init(
-        id=ident["id"], project=ident.get("project"), entity=ident.get("entity"), resume="allow", mode=mode, dir=str(run),
-        reinit="finish_previous",
-    )
-    try:
-        wb.summary.update(values)
-    finally:
-        wb.finish()
+    p = result["protocol"]
+    config = {k: p[k] for k in ("features", "scheduler", "steps", "guidance_scale", "resolution", "images_per_prompt", "seed", "n_real", "n_fake")}
+    return log_side_run(run, "eval", values, config)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     name = Path(hc.runtime.output_dir).name if hc.mode == RunMode.MULTIRUN else None
+    root = Path(cfg.run_dir)
+    if not holds_runs(root):  # Hydra's output went to a temp dir (conf/evaluate.yaml): nothing written here
+        shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)
+        why = "does not exist" if not root.exists() else "is neither a run dir nor a sweep dir (no .hydra/config.yaml)"
+        raise SystemExit(f"ghibli_lab.evaluate: run_dir={cfg.run_dir} {why}")
     try:
         results = evaluate(cfg, name=name)
     except (FeatureUnavailable, OfflineError, FileNotFoundError, ValueError) as err:  # bad input: the message, no trace

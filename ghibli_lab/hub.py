@@ -57,8 +57,8 @@ def check_hub_resource(name: str, repo_type: str, key: str, probe_file: str) -> 
     raise OfflineError(
         f"{key}={name!r} is a Hugging Face hub {kind} id, it is not in the local cache, and the hub "
         f"can't be reached (offline). Download it where the hub is reachable, e.g.\n"
-        f"    huggingface-cli download {'--repo-type dataset ' if kind == 'dataset' else ''}{name} "
-        f"--local-dir /path/to/{name.split('/')[-1]}\n"
+        f"    hf download {'--repo-type dataset ' if kind == 'dataset' else ''}{name} "
+        f"--local-dir /path/to/{name.split('/')[-1]}   (older huggingface_hub: huggingface-cli download)\n"
         f"then point at the copy: {key}=/path/to/{name.split('/')[-1]}"
     )
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ghibli_lab.adapters import adapted_models, save_lora, without_adapter
@@ -31,13 +31,14 @@ from ghibli_lab.data import Split
 from ghibli_lab.encode import encode_validation_set, encoders_on, eval_mode
 from ghibli_lab.loss import training_loss, validation_loss
 from ghibli_lab.pipeline import training_scheduler
-from ghibli_lab.runs import find_resume_checkpoint
+from ghibli_lab.runs import ResumeMismatch, config_changes, find_resume_checkpoint, latest_checkpoint, training_config
 from ghibli_lab.sampling import save_samples
 from ghibli_lab.step import make_loader, make_optimizer, optimizer_step, total_steps
 from ghibli_lab.tracking import Tracker, truncate_metrics
 
 log = logging.getLogger(__name__)
 
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 RNG_KEYS = ("python_rng", "numpy_rng", "torch_rng")
@@ -75,11 +76,24 @@ class LoopState:
         return values
 
 
-def resume_point(resume: str | None, run_dir: Path, main_process: bool) -> tuple[Path | None, LoopState | None]:
+def resume_point(cfg: DictConfig, run_dir: Path, main_process: bool) -> tuple[Path | None, LoopState | None]:
     """The checkpoint to resume from (``train.resume``) and its loop state; metrics.jsonl is cut
-    back to exactly the history that checkpoint has seen."""
-    path = find_resume_checkpoint(resume, run_dir)
-    state = LoopState.from_dict(json.loads((path / "loop_state.json").read_text())) if path else None
+    back to exactly the history that checkpoint has seen. A checkpoint written under another
+    training config is refused, naming the keys that differ (``runs.RESUME_SAFE_KEYS`` may)."""
+    path = find_resume_checkpoint(cfg.train.resume, run_dir)
+    saved = json.loads((path / "loop_state.json").read_text()) if path else {}
+    if path and "config" in saved:
+        changes = config_changes(saved["config"], training_config(OmegaConf.to_container(cfg, resolve=True)))
+        if changes:
+            raise ResumeMismatch(
+                f"checkpoint {path} was trained with another config; resuming would train a different "
+                f"model than .hydra/config.yaml says. Changed: " + "; ".join(changes)
+                + ". Restore these values, or start a new run dir. (Safe to change on resume: train.max_steps, "
+                "train.epochs, logging, validation, sampling and checkpoint intervals.)"
+            )
+    elif path:
+        log.warning("checkpoint %s records no config (written by an older version): not checked", path)
+    state = LoopState.from_dict(saved) if path else None
     if main_process:
         truncate_metrics(run_dir / "metrics.jsonl", after_step=state.step if state else -1)
     return path, state
@@ -228,11 +242,13 @@ def fit(
             path = write_samples(pipe, cfg, run_dir / "samples" / f"step_{step:06d}.png", dtype)
             tracker.log_image("samples/grid", path, step, caption="top: base, bottom: LoRA")
         stopping = stop["signal"] is not None
+        saved = None
         if (every(step, t.checkpoint_every) and step < max_steps or stopping) and accelerator.is_main_process:
             state.wandb = tracker.identity()
-            save_checkpoint(run_dir, step, pipe, named, optimizer, lr_scheduler, accelerator.scaler, state.to_dict(), t.keep_checkpoints)
+            loop_state = {**state.to_dict(), "config": training_config(OmegaConf.to_container(cfg, resolve=True))}
+            saved = save_checkpoint(run_dir, step, pipe, named, optimizer, lr_scheduler, accelerator.scaler, loop_state, t.keep_checkpoints)
         if stopping:
-            preempted(stop, state, tracker)
+            preempted(stop, state, tracker, saved, run_dir)
         if state.step >= max_steps:
             break
     progress.close()
@@ -259,10 +275,17 @@ def skip_nonfinite(loss: torch.Tensor, batch: dict, state: LoopState, policy: st
         )
 
 
-def preempted(stop: dict, state: LoopState, tracker: Tracker) -> None:
+def preempted(stop: dict, state: LoopState, tracker: Tracker, saved: Path | None, run_dir: Path) -> None:
     """After the stop checkpoint: close W&B, hand the signal on (submitit requeues), exit 75."""
     signum = stop["signal"]
-    log.warning("stopped by signal %d at step %d; checkpoint written, resume with train.resume=auto", signum, state.step)
+    if saved is not None:
+        log.warning("stopped by signal %d at step %d; checkpoint written, resume with train.resume=auto", signum, state.step)
+    else:
+        previous = latest_checkpoint(run_dir)[0]
+        log.error(
+            "stopped by signal %d at step %d, but NO checkpoint could be written (see above); train.resume=auto "
+            "will continue from %s", signum, state.step, previous.name if previous else "step 0 (there is no earlier checkpoint)",
+        )
     tracker.finish(exit_code=PREEMPTED_EXIT)
     previous = stop["previous"].get(signum)
     _restore_handlers(stop)
@@ -304,7 +327,7 @@ def summarize(
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return {}
-    files = save_lora(pipe, run_dir / "lora")
+    files = save_lora(pipe, run_dir / "lora", dtype=SAVE_DTYPES[cfg.lora.save_dtype])
     path = write_samples(pipe, cfg, run_dir / "samples" / "final.png", dtype)
     tracker.log_image("samples/grid", path, state.step, caption="top: base, bottom: LoRA")
     wall = time.time() - start

@@ -47,7 +47,7 @@ from ghibli_lab.config import CONF_DIR, register_configs  # noqa: E402
 from ghibli_lab.metrics import HEADLINE, METRICS, best_run, fmt  # noqa: E402
 from ghibli_lab.runs import find_runs, load_run_config  # noqa: E402
 from ghibli_lab.sampling import image_grid  # noqa: E402
-from ghibli_lab.tracking import wandb_mode  # noqa: E402
+from ghibli_lab.tracking import log_side_run  # noqa: E402
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -686,34 +686,16 @@ def training_table(runs: list[Run], keys: list[str]) -> str:
 
 
 def log_to_wandb(run: Run, images: dict[str, Path], eval_name: Optional[str]) -> bool:
-    """Reopen the run's own W&B run by id; add the flattened config, the eval metrics and the
-    report's images. Skipped (False) when the run had W&B disabled or recorded no id."""
-    ident = run.summary.get("wandb") or {}
-    if not ident.get("id") or ident.get("mode") == "disabled":
-        return False
-    import wandb
-
-    # As evaluate.py: a run recorded online but reopened without an API key goes offline.
-    mode = ident["mode"] if ident["mode"] != "online" else wandb_mode(OmegaConf.create({"name": "wandb", "mode": None}))
-    wb = wandb.init(
-        id=ident["id"], project=ident.get("project"), entity=ident.get("entity"), resume="allow", mode=mode,
-        dir=str(run.path), reinit="finish_previous", settings=wandb.Settings(quiet=True),
-    )
-    try:
-        # Top-level dotted keys: W&B's parallel-coordinates and scatter panels list these directly.
-        wb.config.update(run.config, allow_val_change=True)
-        if run.eval:
-            prefix = f"eval/{eval_name}/" if eval_name else "eval/"
-            wb.summary.update(
-                {f"{prefix}{k}": v for k, v in run.eval["lora"].items()}
-                | {f"{prefix}base_{k}": v for k, v in run.eval["base"].items()}
-            )
-        wb.log({f"report/{k}": wandb.Image(str(p)) for k, p in images.items()})
-    except BaseException:
-        wb.finish(exit_code=1)
-        raise
-    wb.finish()
-    return True
+    """The report's plots and this run's grid, with its config flattened to top-level keys
+    (``lora.rank``, ...: W&B's parallel-coordinates and scatter panels list these directly) and its
+    eval metrics, as a W&B run of its own (job_type "report") in the training run's group.
+    Skipped (False) when the run had W&B disabled or recorded no id."""
+    values = {}
+    if run.eval:
+        prefix = f"eval/{eval_name}/" if eval_name else "eval/"
+        values = {f"{prefix}{k}": v for k, v in run.eval["lora"].items() if v is not None}
+        values |= {f"{prefix}base_{k}": v for k, v in run.eval["base"].items() if v is not None}
+    return log_side_run(run.path, "report", values, run.config, images)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="report", version_base="1.3")

@@ -5,10 +5,14 @@ Pure paths and YAML: no torch, so entry points can use it before the heavy libra
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +25,20 @@ MARKER = "COMPLETE"  # written last into a checkpoint dir: without it the dir is
 
 def is_run(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
+
+
+def holds_runs(path: Path) -> bool:
+    """A run dir, or a dir with run dirs in it (a sweep)."""
+    path = Path(path)
+    return is_run(path) or (path.is_dir() and any(is_run(p) for p in path.iterdir() if p.is_dir()))
+
+
+def eval_output_dir(run_dir: str) -> str:
+    """Where evaluation's Hydra output goes: ``<run_dir>/eval``, or, when ``run_dir`` holds no
+    run, a temp dir, so a mistyped run_dir never gets folders made in it (the error follows)."""
+    if holds_runs(Path(run_dir)):
+        return str(Path(run_dir) / "eval")
+    return str(Path(tempfile.gettempdir()) / f"ghibli_lab-evaluate-{os.getpid()}")
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
@@ -97,3 +115,73 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint dir (no {MARKER} marker)")
     return path
+
+
+class RunDirBusy(RuntimeError):
+    """Another process is writing this run dir."""
+
+
+class ResumeMismatch(ValueError):
+    """The checkpoint was trained with another config than the one resuming it."""
+
+
+@contextmanager
+def run_lock(run_dir: Path, active: bool = True) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` (an OS file lock, released even on kill -9) while training; a second
+    writer is refused at once. Two writers would prune each other's checkpoints. ``active=False``
+    (other ranks of one multi-process run, which share the dir) takes no lock."""
+    if not active:
+        yield
+        return
+    path = Path(run_dir) / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirBusy(
+            f"run dir {run_dir} is being written by another process (pid {holder}); wait for it to "
+            f"finish, or give this run its own dir (hydra.run.dir=...)"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+# Keys a resumed run may change: how long it runs, how often it logs, validates, samples and
+# checkpoints, and how it reports. Everything else changes what is trained and is refused.
+RESUME_SAFE_KEYS = (
+    "name", "output_root", "cache_dir", "logger.", "sample.", "scheduler.", "guidance.",
+    "train.max_steps", "train.epochs", "train.resume", "train.log_every", "train.val_every",
+    "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers",
+    "train.nonfinite", "train.compile", "train.channels_last", "train.gradient_checkpointing",
+)
+
+
+def training_config(cfg: Any) -> dict[str, Any]:
+    """The keys of a resolved training config (a dict) that change what is trained, flattened."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(cfg, "")
+    return {k: v for k, v in flat.items() if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE_KEYS)}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every training-relevant key that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}" for k in keys if saved.get(k) != current.get(k)]

@@ -9,6 +9,7 @@ tracks. ``finish`` must always be called: Hydra runs multirun jobs in one proces
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 WANDB_HOST = "https://api.wandb.ai"
 
@@ -103,6 +106,8 @@ class Tracker:
             "project": run.project if run is not None else None,
             "entity": run.entity if run is not None and self.mode == "online" else None,
             "mode": self.mode,
+            "group": run.group if run is not None else None,
+            "name": run.name if run is not None else None,
         }
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -124,12 +129,13 @@ def tracking(
     run_dir: Path, cfg: DictConfig, group: str | None, name: str | None, active: bool, resume_id: str | None = None
 ) -> Iterator[Tracker]:
     """A Tracker for a training run, always finished: with exit code 1 if the block raises."""
+    name = name or Path(run_dir).name
     tracker = Tracker(
         run_dir,
         cfg.logger,
         config=OmegaConf.to_container(cfg, resolve=True),
-        group=group,
-        name=name or Path(run_dir).name,
+        group=group or name,  # a single run is its own group: its evaluations and reports join it
+        name=name,
         active=active,
         resume_id=resume_id,
     )
@@ -141,11 +147,59 @@ def tracking(
     tracker.finish()
 
 
+def log_side_run(run_dir: Path, job_type: str, summary: dict[str, Any], config: dict[str, Any], images: dict[str, Path] | None = None) -> bool:
+    """Log an evaluation or a report of a training run as a W&B run of its own: ``job_type``
+    "eval" or "report", in the training run's group, with ``train_run_id`` in its config.
+
+    The training run is never reopened: reopening it offline wrote a second and third offline dir
+    with the same run id whose ``_step`` restarted at 0, and a later ``wandb sync`` of those could
+    replace the training history. Returns False when the training run had no W&B run."""
+    summary_path = Path(run_dir) / "summary.json"
+    ident = (json.loads(summary_path.read_text()).get("wandb") or {}) if summary_path.is_file() else {}
+    if not ident.get("id") or ident.get("mode") == "disabled":
+        return False
+    import wandb
+
+    # A run recorded online but followed up without an API key goes offline (wandb.init would refuse).
+    mode = ident["mode"] if ident["mode"] != "online" else wandb_mode(OmegaConf.create({"name": "wandb", "mode": None}))
+    name = ident.get("name") or Path(run_dir).name
+    wb = wandb.init(
+        project=ident.get("project"),
+        entity=ident.get("entity"),
+        mode=mode,
+        dir=str(run_dir),
+        group=ident.get("group") or name,
+        job_type=job_type,
+        name=f"{name} {job_type}",
+        config={"train_run_id": ident["id"], **config},
+        reinit="finish_previous",
+        settings=wandb.Settings(quiet=True),
+    )
+    try:
+        wb.summary.update(summary)
+        if images:
+            wb.log({f"{job_type}/{k}": wandb.Image(str(p)) for k, p in images.items()})
+    except BaseException:
+        wb.finish(exit_code=1)
+        raise
+    wb.finish()
+    return True
+
+
 def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop the rows a resumed run will write again (logged after its checkpoint)."""
+    """Drop the rows a resumed run will write again (logged after its checkpoint), and a torn
+    line a killed process left half-written."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            log.warning("%s: dropping an unreadable line (torn by an interrupted write): %.80s", path, line)
+            continue
+        if row is not None and row.get("step", after_step + 1) <= after_step:
+            rows.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(r + "\n" for r in rows))
     os.replace(tmp, path)

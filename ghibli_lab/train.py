@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from ghibli_lab.config import CONF_DIR, ConfigError, check_config, register_configs
 from ghibli_lab.hub import OfflineError
-from ghibli_lab.runs import process_shard, update_latest
+from ghibli_lab.runs import ResumeMismatch, RunDirBusy, process_shard, update_latest
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -30,34 +30,35 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
     check_config(cfg)
     # The heavy libraries (torch, diffusers, transformers, wandb) load only once the config is
     # known to be good, so a typo fails in about a second.
-    from ghibli_lab import adapters, cache, data, loop, pipeline, step, tracking
+    from ghibli_lab import adapters, cache, data, loop, pipeline, runs, step, tracking
 
     pipeline.check_model_source(cfg.model)
     adapters.check_adapter(cfg.lora)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    split = data.load_split(cfg.dataset, cfg.cache_dir, run_dir)
-    accelerator, dtype = step.make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, cfg.seed)
-    main_process = accelerator.is_main_process
-    resume_from, resumed = loop.resume_point(cfg.train.resume, run_dir, main_process)
-    resume_id = (resumed.wandb or {}).get("id") if resumed else None
-    with (
-        loop.released(accelerator),
-        tracking.tracking(run_dir, cfg, group, name, main_process, resume_id) as tracker,
-        loop.preemption() as stop,
-    ):
-        pipe = pipeline.load_pipeline(cfg.model)
-        data.report_captions(split, pipe.tokenizer, run_dir, write=main_process)
-        params = adapters.attach_lora(pipe, cfg.lora)
-        step.prepare_for_training(pipe, cfg.train, accelerator.device, dtype)
-        train_set, val_set, cache_stats = cache.build_datasets(pipe, split, cfg, dtype, accelerator)
-        state = loop.fit(pipe, params, (train_set, val_set), cfg, accelerator, dtype, tracker, stop, run_dir, resume_from)
-        extra = {
-            "trainable_params": sum(p.numel() for p in params),
-            "resumed_from": str(resume_from) if resume_from else None,
-            "cache": cache_stats,
-        }
-        return loop.summarize(pipe, cfg, run_dir, split, state, extra, accelerator, tracker, dtype, start)
+    with runs.run_lock(run_dir, active=runs.process_shard()[0] == 0):  # one writer per run dir
+        split = data.load_split(cfg.dataset, cfg.cache_dir, run_dir)
+        accelerator, dtype = step.make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, cfg.seed)
+        main_process = accelerator.is_main_process
+        resume_from, resumed = loop.resume_point(cfg, run_dir, main_process)
+        resume_id = (resumed.wandb or {}).get("id") if resumed else None
+        with (
+            loop.released(accelerator),
+            tracking.tracking(run_dir, cfg, group, name, main_process, resume_id) as tracker,
+            loop.preemption() as stop,
+        ):
+            pipe = pipeline.load_pipeline(cfg.model)
+            data.report_captions(split, pipe.tokenizer, run_dir, write=main_process)
+            params = adapters.attach_lora(pipe, cfg.lora)
+            step.prepare_for_training(pipe, cfg.train, accelerator.device, dtype)
+            train_set, val_set, cache_stats = cache.build_datasets(pipe, split, cfg, dtype, accelerator)
+            state = loop.fit(pipe, params, (train_set, val_set), cfg, accelerator, dtype, tracker, stop, run_dir, resume_from)
+            extra = {
+                "trainable_params": sum(p.numel() for p in params),
+                "resumed_from": str(resume_from) if resume_from else None,
+                "cache": cache_stats,
+            }
+            return loop.summarize(pipe, cfg, run_dir, split, state, extra, accelerator, tracker, dtype, start)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
@@ -66,11 +67,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     sweep = hc.mode == RunMode.MULTIRUN
     try:
-        check_config(cfg)  # before anything heavy loads or outputs/latest moves
-        if process_shard()[0] == 0:  # under accelerate launch / torchrun: once
-            update_latest(cfg.output_root, Path(hc.sweep.dir) if sweep else run_dir)
         summary = train(cfg, run_dir, group=Path(hc.sweep.dir).name if sweep else None, name=run_dir.name)
-    except (ConfigError, OfflineError) as err:  # expected failures: the message, not a stack trace
+        if process_shard()[0] == 0:  # once under accelerate launch / torchrun; only after results exist
+            update_latest(cfg.output_root, Path(hc.sweep.dir) if sweep else run_dir)
+    except (ConfigError, OfflineError, ResumeMismatch, RunDirBusy) as err:  # expected: the message, no stack trace
         raise SystemExit(f"ghibli_lab.train: {err}") from None
     return summary.get("val/loss")  # what a sweeper would minimise
 

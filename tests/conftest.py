@@ -84,3 +84,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def wandb_offline_runs(wandb_dir: Path) -> list[dict]:
+    """Every offline run under ``wandb_dir`` as ``wandb sync`` reads it: the records of its
+    ``run-<id>.wandb`` file (a LevelDB-style log of W&B's protobuf records after a 7-byte
+    header). Per run: id, group, job_type, name, config keys, summary keys, history steps, dir."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    runs = []
+    for path in sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb")):
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", path
+        pos, block, chunks, pending = 7, 32768, [], b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            if kind == 0:
+                break
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind in (1, 4):
+                chunks.append(pending)
+        info = {"dir": path.parent, "config": set(), "summary": set(), "steps": []}
+        for chunk in chunks:
+            record = pb.Record.FromString(chunk)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                r = record.run
+                info.update(id=r.run_id, group=r.run_group, job_type=r.job_type, name=r.display_name)
+                info["config"] |= {item.key for item in r.config.update}
+            elif kind == "config":
+                info["config"] |= {item.key for item in record.config.update}
+            elif kind == "summary":
+                info["summary"] |= {item.key or "/".join(item.nested_key) for item in record.summary.update}
+            elif kind == "history":
+                info["steps"] += [int(item.value_json) for item in record.history.item if item.key == "_step"]
+        runs.append(info)
+    return runs

@@ -126,3 +126,38 @@ def test_damaged_entry_is_re_encoded_and_no_temp_files_remain(tiny_cfg, tmp_path
     assert stats == {"encoded": 1, "reused": 1}
     assert "latent_moments" in load_file(path)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_entry_with_an_intact_header_and_a_zeroed_payload_is_re_encoded(tiny_cfg, tmp_path, tiny_sdxl):
+    """Each entry carries a checksum of its tensors: damage the header can't show is caught."""
+    cfg = tiny_cfg()
+    records = load_records(cfg.dataset, cfg.cache_dir)[:2]
+    fp = fingerprint(cfg.model, torch.float32)
+    stats = {"encoded": 0, "reused": 0}
+    entries = encode_records(tiny_sdxl, records, cfg.dataset, tmp_path, fp, (False,), False, stats)
+    path = entries[0]["latents"][0]
+    good = load_file(path)["latent_moments"].clone()  # load_file maps the file: copy before it changes
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    raw[header:] = bytes(len(raw) - header)  # zeros where the tensors were; the header still parses
+    path.write_bytes(bytes(raw))
+    assert torch.count_nonzero(load_file(path)["latent_moments"]) == 0  # safetensors itself can't tell
+    stats = {"encoded": 0, "reused": 0}
+    encode_records(tiny_sdxl, records, cfg.dataset, tmp_path, fp, (False,), False, stats)
+    assert stats == {"encoded": 1, "reused": 1}
+    assert torch.equal(load_file(path)["latent_moments"], good)
+
+
+def test_a_changed_local_model_is_another_cache_entry(tmp_path):
+    """Keyed by the weights, not the path: after a local model's VAE file changes, its latents
+    are encoded again instead of reused stale."""
+    from omegaconf import OmegaConf
+
+    folder = tmp_path / "my-sdxl"
+    build_tiny_pipeline("sdxl").save_pretrained(folder)
+    model = OmegaConf.create({"family": "sdxl", "pretrained": str(folder), "vae": None, "variant": None})
+    before = fingerprint(model, torch.float32)
+    assert fingerprint(model, torch.float32) == before
+    vae = next(folder.glob("vae/*.safetensors"))
+    vae.write_bytes(vae.read_bytes()[:-4] + b"\0\0\0\1")
+    assert fingerprint(model, torch.float32) != before

@@ -69,7 +69,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 def test_submitit_local_sweep_runs_each_job_in_its_own_process(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    env = {**os.environ, "GHIBLI_LAB_CACHE": str(tmp_path / "cache")}
+    # The two jobs run at once: one thread each, or their spinning OpenMP threads crawl on 2 cores.
+    env = {**os.environ, "GHIBLI_LAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "ghibli_lab.train", "-m", "hydra/launcher=submitit_local", "experiment=demo",
          "logger=none", "lora.rank=4,8", "train.max_steps=3", "train.val_every=3", "train.checkpoint_every=0",

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from ghibli_lab.evaluate import METRIC_KEYS, evaluate
 from ghibli_lab.train import train
 
-from .conftest import compose_train
+from .conftest import compose_train, wandb_offline_runs
 
 EVAL_ARGS = ["eval.features=tiny", "eval.steps=2", "eval.images_per_prompt=2", "eval.kid_subset_size=1000"]
 
@@ -113,12 +113,16 @@ def test_base_images_are_generated_once_per_sweep_and_reused(sweep):
     assert len(list((sweep / "cache" / "eval_base").iterdir())) == 2
 
 
-def test_eval_metrics_reach_the_runs_wandb_summary(sweep):
-    """The run trained with W&B offline; evaluation reopens that run id to add eval/* keys."""
+def test_evaluation_is_its_own_wandb_run_in_the_training_runs_group(sweep):
+    """The run trained with W&B offline; its evaluation is a W&B run of job type eval in the same
+    group, holding eval/* and a pointer to the training run, which is never reopened."""
     evaluate(compose_eval(f"run_dir={sweep / '1_lora.alpha-8'}", *EVAL_ARGS))
-    run_id = json.loads((sweep / "1_lora.alpha-8" / "summary.json").read_text())["wandb"]["id"]
-    offline = list((sweep / "1_lora.alpha-8" / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(offline) >= 2  # the training run and the evaluation's resume of the same id
+    ident = json.loads((sweep / "1_lora.alpha-8" / "summary.json").read_text())["wandb"]
+    offline = wandb_offline_runs(sweep / "1_lora.alpha-8" / "wandb")
+    assert [r["id"] for r in offline].count(ident["id"]) == 1  # only the training run has that id
+    evals = [r for r in offline if r["job_type"] == "eval"]
+    assert evals and all(r["group"] == ident["group"] and "train_run_id" in r["config"] for r in evals)
+    assert {"eval/kid", "eval/base_kid", "eval/kid_diff_low", "eval/kid_diff_high"} <= evals[-1]["summary"]
 
 
 def run_evaluate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -175,3 +179,10 @@ def test_a_changed_local_model_dir_invalidates_the_base_image_cache(tmp_path):
     weights = next(folder.glob("vae/*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")  # same size, new content and mtime
     assert key() != first
+
+
+def test_re_evaluating_with_fewer_images_per_caption_replaces_the_old_images(sweep):
+    run = sweep / "0_lora.alpha-4"
+    evaluate(compose_eval(f"run_dir={run}", "eval.features=tiny", "eval.steps=1", "eval.images_per_prompt=3"))
+    (result,) = evaluate(compose_eval(f"run_dir={run}", "eval.features=tiny", "eval.steps=1", "eval.images_per_prompt=1"))
+    assert len(list((run / "eval" / "images" / "lora").glob("*.png"))) == result["protocol"]["n_fake"] == 2

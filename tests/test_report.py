@@ -20,7 +20,7 @@ from ghibli_lab.evaluate import evaluate
 from ghibli_lab.report import Run, name_overrides, plot_metric, report, swept_keys
 from ghibli_lab.train import train
 
-from .conftest import compose_train
+from .conftest import compose_train, wandb_offline_runs
 
 CHROMIUM = Path("/usr/bin/chromium")
 GRID = [(4, 4), (8, 4), (4, 8), (8, 8)]  # (alpha, rank) in job order, as `train -m` numbers them
@@ -191,19 +191,27 @@ def test_report_of_an_evaluated_sweep(evaluated, tmp_path):
     for src in sources:
         assert not urlparse(src).scheme and (index.parent / unquote(src)).is_file(), src
 
-    # W&B: runs that trained with W&B got a resumed run holding the flattened config and the plots.
+    # W&B: a run that trained with W&B has its evaluation and its report as W&B runs of their own
+    # (job types eval and report, the training run's group); the training run is never reopened,
+    # so no two offline runs share an id and `wandb sync` can't replace the training history.
     for i, run in enumerate(sorted(sweep.glob("[0-9]_*"))):
         if i not in WANDB_JOBS:
             assert not (run / "wandb").exists()
             continue
-        run_id = json.loads((run / "summary.json").read_text())["wandb"]["id"]
-        resumed = sorted((run / "wandb").glob(f"offline-run-*-{run_id}*"))
-        assert len(resumed) == 3  # training, evaluation, report
-        logged = resumed[-1]
-        assert list(logged.glob("files/media/images/report/grid_*.png"))
-        assert list(logged.glob("files/media/images/report/heatmap_kid_*.png"))
-        records = next(logged.glob("run-*.wandb")).read_bytes()
-        assert b"lora.rank" in records  # a top-level dotted config key (training logged it nested)
+        ident = json.loads((run / "summary.json").read_text())["wandb"]
+        offline = wandb_offline_runs(run / "wandb")
+        ids = [r["id"] for r in offline]
+        assert len(ids) == len(set(ids)) == 3, offline
+        by_type = {r["job_type"]: r for r in offline}
+        assert by_type["train"]["id"] == ident["id"] and by_type["train"]["group"] == ident["group"] == run.name
+        assert by_type["train"]["steps"] == sorted(by_type["train"]["steps"])  # one history, in order
+        for job in ("eval", "report"):
+            assert by_type[job]["group"] == ident["group"] and "train_run_id" in by_type[job]["config"]
+        report_run = by_type["report"]
+        assert "lora.rank" in report_run["config"]  # a top-level dotted key, for parallel coordinates
+        assert "eval/kid" in report_run["summary"] and "eval/kid" in by_type["eval"]["summary"]
+        assert list(report_run["dir"].glob("files/media/images/report/grid_*.png"))
+        assert list(report_run["dir"].glob("files/media/images/report/heatmap_kid_*.png"))
 
     if not CHROMIUM.exists():
         pytest.skip("no /usr/bin/chromium: the rendering check needs it")
