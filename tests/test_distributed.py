@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
@@ -98,3 +99,29 @@ def test_slurm_preset_composes():
     assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
     assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0 and launcher.array_parallelism > 0
     assert cfg.train.resume == "auto"
+
+
+def test_submitit_requeue_on_the_pre_timeout_signal_ends_identical_to_an_uninterrupted_run(tmp_path):
+    """submitit's local launcher with a 1-minute limit sends its pre-timeout signal (USR2) 30 s in:
+    the trainer finishes the step, checkpoints and hands the signal to submitit, which requeues the
+    job; train.resume=auto continues it. The result equals a run that was never interrupted."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {**os.environ, "GHIBLI_LAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["experiment=demo", "logger=none", "train.max_steps=400", "train.val_every=100", "train.log_every=25",
+            "train.checkpoint_every=0", "dataset.num_images=12", "scheduler.steps=2", "sample.seeds=[0]",
+            "sample.prompts=[a hill]", "train.resume=auto"]
+
+    def run(*extra: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "ghibli_lab.train", *extra, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(f"hydra.run.dir={tmp_path / 'straight'}")
+    run("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=1", f"hydra.sweep.dir={tmp_path / 'requeued'}")
+    (job,) = [p for p in (tmp_path / "requeued").iterdir() if p.name.startswith("0_")]
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["resumed_from"]  # it was interrupted and continued
+    assert (tmp_path / "straight" / "metrics.jsonl").read_text() == (job / "metrics.jsonl").read_text()
+    a = load_file(tmp_path / "straight" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(job / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
