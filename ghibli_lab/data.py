@@ -320,7 +320,7 @@ def load_split(ds_cfg: DictConfig, cache_dir: str | Path, run_dir: Path | None =
     else:
         train, holdout = split_records(records, ds_cfg.holdout_fraction)
         if run_dir is not None:
-            _write_json_atomic(path, {"train": [[r.key, r.name] for r in train], "holdout": [[r.key, r.name] for r in holdout]})
+            write_json_atomic(path, {"train": [[r.key, r.name] for r in train], "holdout": [[r.key, r.name] for r in holdout]})
     if not train:
         raise ValueError(f"dataset {ds_cfg.name!r} leaves no training images after the hold-out split")
     return Split(records, train, holdout, report)
@@ -347,10 +347,17 @@ def _stored_split(records: list[Record], stored: dict, path: Path) -> tuple[list
     return sides[0], sides[1]
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
+    """``data`` as JSON at ``path``, through a temp file and a rename: never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=indent)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def report_captions(split: Split, tokenizer, run_dir: Path, write: bool = True) -> None:
@@ -693,15 +700,7 @@ def write_data_report(run_dir: Path, report: dict) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "data_report.json"
-    fd, tmp = tempfile.mkstemp(prefix=".data_report.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, report, indent=2)
     return path
 
 

@@ -47,6 +47,7 @@ from ghibli_lab.metrics import (
     paired_differences,
     sample_sizes,
     score,
+    summary_values,
 )
 from ghibli_lab.pipeline import load_pipeline, training_scheduler
 from ghibli_lab.runs import find_runs, holds_runs, load_run_config
@@ -347,12 +348,7 @@ def write_tables(sweep_dir: Path, results: list[dict], name: str | None, unfinis
 
 def log_evaluation(run: Path, result: dict, name: str | None) -> bool:
     """The evaluation as its own W&B run (job_type "eval") in the training run's group."""
-    prefix = f"eval/{name}/" if name else "eval/"
-    values = {f"{prefix}{k}": v for k, v in result["lora"].items() if v is not None}
-    values |= {f"{prefix}base_{k}": v for k, v in result["base"].items() if v is not None}
-    for k, d in result["paired"].items():
-        values |= {f"{prefix}{k}_diff": d["diff"], f"{prefix}{k}_diff_low": d["low"], f"{prefix}{k}_diff_high": d["high"]}
-    values[f"{prefix}n"] = result["protocol"]["n_fake"]
+    values = summary_values(result, name)
     p = result["protocol"]
     config = {k: p[k] for k in ("features", "scheduler", "steps", "guidance_scale", "resolution", "images_per_prompt", "seed", "n_real", "n_fake")}
     return log_side_run(run, "eval", values, config)

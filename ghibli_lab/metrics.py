@@ -632,6 +632,18 @@ def interval_text(d: dict) -> str:
     return f"{d['diff']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
 
 
+def summary_values(result: dict, name: str | None = None) -> dict[str, float]:
+    """``eval/<metric>``, ``eval/base_<metric>`` and the LoRA − base intervals of one run's
+    metrics.json, flat, for a W&B summary (``eval/<name>/...`` for a named evaluation)."""
+    prefix = f"eval/{name}/" if name else "eval/"
+    values = {f"{prefix}{k}": v for k, v in result["lora"].items() if v is not None}
+    values |= {f"{prefix}base_{k}": v for k, v in result["base"].items() if v is not None}
+    for k, d in result.get("paired", {}).items():
+        values |= {f"{prefix}{k}_diff": d["diff"], f"{prefix}{k}_diff_low": d["low"], f"{prefix}{k}_diff_high": d["high"]}
+    values[f"{prefix}n"] = result["protocol"]["n_fake"]
+    return values
+
+
 def compute_image_metrics(
     real: torch.Tensor,
     fake: torch.Tensor,

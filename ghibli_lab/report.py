@@ -44,7 +44,7 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ghibli_lab.config import CONF_DIR, register_configs  # noqa: E402
-from ghibli_lab.metrics import HEADLINE, METRICS, best_run, fmt  # noqa: E402
+from ghibli_lab.metrics import HEADLINE, METRICS, best_run, fmt, summary_values  # noqa: E402
 from ghibli_lab.runs import find_runs, load_run_config  # noqa: E402
 from ghibli_lab.sampling import image_grid  # noqa: E402
 from ghibli_lab.tracking import log_side_run  # noqa: E402
@@ -690,11 +690,7 @@ def log_to_wandb(run: Run, images: dict[str, Path], eval_name: Optional[str]) ->
     (``lora.rank``, ...: W&B's parallel-coordinates and scatter panels list these directly) and its
     eval metrics, as a W&B run of its own (job_type "report") in the training run's group.
     Skipped (False) when the run had W&B disabled or recorded no id."""
-    values = {}
-    if run.eval:
-        prefix = f"eval/{eval_name}/" if eval_name else "eval/"
-        values = {f"{prefix}{k}": v for k, v in run.eval["lora"].items() if v is not None}
-        values |= {f"{prefix}base_{k}": v for k, v in run.eval["base"].items() if v is not None}
+    values = summary_values(run.eval, eval_name) if run.eval else {}
     return log_side_run(run.path, "report", values, run.config, images)
 
 
