@@ -257,6 +257,17 @@ def _hub_records(ds_cfg: DictConfig) -> list[Record]:
 # Split
 
 
+def unique_by_key(records: list[Record]) -> dict[str, Record]:
+    """One record per image content; the same copy wins whatever the input order: the smallest
+    (name, caption)."""
+    unique: dict[str, Record] = {}
+    for r in records:
+        best = unique.get(r.key)
+        if best is None or (r.name, r.caption) < (best.name, best.caption):
+            unique[r.key] = r
+    return unique
+
+
 def split_records(records: list[Record], holdout_fraction: float) -> tuple[list[Record], list[Record]]:
     """Deterministic (train, holdout) split by image content, independent of the input order.
 
@@ -266,12 +277,7 @@ def split_records(records: list[Record], holdout_fraction: float) -> tuple[list[
     """
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"dataset.holdout_fraction must be in [0, 1), got {holdout_fraction}")
-    unique: dict[str, Record] = {}
-    for r in records:
-        best = unique.get(r.key)
-        # The same copy wins whatever the input order: the smallest (name, caption).
-        if best is None or (r.name, r.caption) < (best.name, best.caption):
-            unique[r.key] = r
+    unique = unique_by_key(records)
     keys = sorted(unique)
     k = round(len(keys) * holdout_fraction)
     if holdout_fraction > 0 and len(keys) >= 2:
@@ -328,11 +334,7 @@ def load_split(ds_cfg: DictConfig, cache_dir: str | Path, run_dir: Path | None =
 
 def _stored_split(records: list[Record], stored: dict, path: Path) -> tuple[list[Record], list[Record]]:
     """The recorded split applied to the records there are now, in the recorded order."""
-    by_key: dict[str, Record] = {}
-    for r in records:
-        best = by_key.get(r.key)
-        if best is None or (r.name, r.caption) < (best.name, best.caption):
-            by_key[r.key] = r
+    by_key = unique_by_key(records)
     sides = []
     for side in ("train", "holdout"):
         missing = [name for key, name in stored[side] if key not in by_key]

@@ -45,6 +45,7 @@ from ghibli_lab.metrics import (
     fmt,
     load_feature_models,
     paired_differences,
+    protocols_differ,
     sample_sizes,
     score,
     summary_values,
@@ -80,7 +81,7 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
     for run in unfinished:
         log.warning("not evaluated: %s has no lora/ dir (its training did not finish)", run.name)
     runs = [run for run in runs if run not in unfinished]
-    pipes, features, results = {}, {}, []
+    pipes, features, extracted, results = {}, {}, {}, []
     for run in tqdm(runs, desc="evaluate", disable=len(runs) == 1):
         train_cfg = load_run_config(run)
         # Random-weight models (tiny, or full size built in code) make noise: tiny features suffice.
@@ -132,14 +133,20 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
                 base_val = validation_loss(pipe, val_batches, *val_args, per_sample=True)
         lora = read_pngs(out_dir / "images" / "lora")  # metrics on exactly what is on disk (8-bit PNG)
 
-        real_features = extract_features(real, fm)
+        # The held-out and base images are the same for every run of the sweep: extract once.
+        if (kind, base_dir) not in extracted:
+            extracted[(kind, base_dir)] = (extract_features(real, fm), extract_features(base, fm, texts=clip_texts))
+        real_features, base_features = extracted[(kind, base_dir)]
         subset = min(e.kid_subset_size, len(real), len(lora))
         samples = {
             side: Sample(
-                real_features, extract_features(images, fm, texts=clip_texts), prompt_of=prompt_of,
+                real_features, features, prompt_of=prompt_of,
                 val_loss=val[0], val_losses=val[1], kid_subset_size=subset, seed=e.seed,
             )
-            for side, images, val in (("lora", lora, lora_val), ("base", base, base_val))
+            for side, features, val in (
+                ("lora", extract_features(lora, fm, texts=clip_texts), lora_val),
+                ("base", base_features, base_val),
+            )
         }
         metrics = {side: score(sample) for side, sample in samples.items()}
         paired = paired_differences(samples["lora"], samples["base"], draws=e.bootstrap_draws, seed=e.seed)
@@ -267,11 +274,6 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# Protocol keys that make two evaluations comparable (the rest: where files are, versions).
-COMPARABLE = ("n_real", "n_fake", "features", "feature_models", "resize", "scheduler", "steps", "guidance_scale",
-              "resolution", "images_per_prompt", "seed", "kid_subset_size", "clip_text")
-
-
 def write_tables(sweep_dir: Path, results: list[dict], name: str | None, unfinished: list[Path] = ()) -> None:
     """``eval_table.csv`` / ``.md``: one row per run plus one per distinct base model, by KID, each
     row with its N and sampling protocol; LoRA − base with its 95% interval per run; the best run
@@ -336,7 +338,7 @@ def write_tables(sweep_dir: Path, results: list[dict], name: str | None, unfinis
         + f"; {p['scheduler']}, {p['steps']} steps, guidance {p['guidance_scale']}, {p['images_per_prompt']} image(s) per prompt, "
         f"seed {p['seed']} ({p['seeds']})."
     )
-    if len({json.dumps({k: r["protocol"].get(k) for k in COMPARABLE}, sort_keys=True) for r in results}) > 1:
+    if protocols_differ([r["protocol"] for r in results]):
         lines.append("WARNING: the runs were evaluated under different protocols (see each row's N and settings); compare like with like.")
     if p["fid_warning"]:
         lines.append(f"FID warning: {p['fid_warning']}")

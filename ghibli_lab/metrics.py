@@ -632,6 +632,17 @@ def interval_text(d: dict) -> str:
     return f"{d['diff']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
 
 
+# Protocol keys that may differ between evaluations that are still comparable: where the base
+# images are cached and whether they were reused, the LoRA's own scale, library versions.
+LOCAL_PROTOCOL_KEYS = ("base_images", "base_images_status", "lora_scale", "versions")
+
+
+def protocols_differ(protocols: list[dict]) -> bool:
+    """Whether evaluations ran under different protocols (N, features, sampling, ...)."""
+    comparable = [{k: v for k, v in p.items() if k not in LOCAL_PROTOCOL_KEYS} for p in protocols]
+    return any(c != comparable[0] for c in comparable)
+
+
 def summary_values(result: dict, name: str | None = None) -> dict[str, float]:
     """``eval/<metric>``, ``eval/base_<metric>`` and the LoRA − base intervals of one run's
     metrics.json, flat, for a W&B summary (``eval/<name>/...`` for a named evaluation)."""

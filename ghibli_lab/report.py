@@ -44,7 +44,7 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ghibli_lab.config import CONF_DIR, register_configs  # noqa: E402
-from ghibli_lab.metrics import HEADLINE, METRICS, best_run, fmt, summary_values  # noqa: E402
+from ghibli_lab.metrics import HEADLINE, METRICS, best_run, fmt, protocols_differ, summary_values  # noqa: E402
 from ghibli_lab.runs import find_runs, load_run_config  # noqa: E402
 from ghibli_lab.sampling import image_grid  # noqa: E402
 from ghibli_lab.tracking import log_side_run  # noqa: E402
@@ -620,12 +620,7 @@ def protocol_html(evaluated: list[Run]) -> str:
     """The protocol behind every number in the table, printed under it."""
     e = html.escape
     p = evaluated[0].eval["protocol"]
-    local = ("base_images", "base_images_status", "lora_scale", "versions")  # may differ between comparable runs
-
-    def comparable(protocol: dict) -> dict:
-        return {k: v for k, v in protocol.items() if k not in local}
-
-    same = all(comparable(r.eval["protocol"]) == comparable(p) for r in evaluated)
+    same = not protocols_differ([r.eval["protocol"] for r in evaluated])
     items = [
         f"<li><b>Images:</b> N = {p.get('n_fake')} generated vs {p.get('n_real')} held-out real images; "
         f"{e(str(p.get('prompts', '')))}; {e(str(p.get('image_format', '')))}</li>",
