@@ -1,11 +1,11 @@
-"""Adapters: attach, save (in the formats people load), load, and switch off.
-
-The one module that knows what an adapter is. A new adapter type is an entry in ``ADAPTER_TYPES``
-(the extra ``peft.LoraConfig`` fields it sets) plus a ``conf/lora/<name>.yaml`` with that ``type``.
+"""LoRA and DoRA adapters (peft): attach, save (in the formats people load), load; and switching
+off whatever a pipeline has trained (``without_adapter``), which every method shares.
 
 - ``pytorch_lora_weights.safetensors``: diffusers/PEFT format, for ``load_lora_weights``.
-- ``lora_kohya.safetensors``: ``lora_unet_*`` / ``lora_te*_*`` keys with ``.alpha``, the format
-  ComfyUI and A1111 load (they ignore diffusers-format keys).
+- ``lora_kohya.safetensors``: ``lora_unet_*`` / ``lora_te*_*`` keys with ``.alpha`` (and DoRA's
+  ``.dora_scale``), the format ComfyUI and A1111 load (they ignore diffusers-format keys).
+
+The other methods (full fine-tune, textual inversion, DreamBooth) live in ``methods.py``.
 """
 
 from __future__ import annotations
@@ -30,23 +30,23 @@ ADAPTER = "default"  # name PEFT gives the adapter we train
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-# lora.type -> the peft.LoraConfig fields that make it that type (on top of rank, alpha, dropout).
-ADAPTER_TYPES: dict[str, dict] = {"lora": {}}
+# A fully fine-tuned pipeline keeps its base components here, {name: module}, for without_adapter.
+BASE_COMPONENTS = "_ghibli_lab_base_components"
+# The names of the components a full fine-tune or textual inversion trains (adapted_models).
+TRAINED_COMPONENTS = "_ghibli_lab_trained_components"
 
 
-def check_adapter(lora_cfg: DictConfig) -> None:
-    """Fail before any model loads when ``lora.type`` names no adapter type."""
-    if lora_cfg.type not in ADAPTER_TYPES:
-        raise ValueError(f"lora.type={lora_cfg.type!r} is not one of {', '.join(map(repr, ADAPTER_TYPES))}")
-
-
-def attach_lora(pipe: DiffusionPipeline, lora_cfg: DictConfig) -> list[torch.nn.Parameter]:
-    """Freeze every weight, add LoRA to the UNet (and text encoders if asked); return the LoRA params."""
-    check_adapter(lora_cfg)
+def freeze(pipe: DiffusionPipeline) -> None:
     for name in ("unet", "vae", *TEXT_ENCODERS):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
-    common = dict(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, **ADAPTER_TYPES[lora_cfg.type])
+
+
+def attach_lora(pipe: DiffusionPipeline, lora_cfg: DictConfig, dora: bool = False) -> list[torch.nn.Parameter]:
+    """Freeze every weight, add LoRA (DoRA with ``dora``) to the UNet, and to the text encoders if
+    ``lora.text_encoder``; return the adapter params."""
+    freeze(pipe)
+    common = dict(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, use_dora=dora)
     # Gaussian A and zero B (as in the diffusers LoRA scripts): the adapter starts as a no-op.
     pipe.unet.add_adapter(
         LoraConfig(init_lora_weights="gaussian", target_modules=list(lora_cfg.target_modules), **common)
@@ -66,13 +66,20 @@ def attach_lora(pipe: DiffusionPipeline, lora_cfg: DictConfig) -> list[torch.nn.
 
 
 def adapted_models(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
-    """The pipeline components that carry our adapter, by component name."""
+    """The pipeline components being trained, by component name: those ``methods.attach`` marked
+    (a full fine-tune's UNet, textual inversion's encoders), else those carrying our adapter."""
+    marked = getattr(pipe, TRAINED_COMPONENTS, ())
     models = {}
     for name in ("unet", *TEXT_ENCODERS):
         model = getattr(pipe, name, None)
-        if model is not None and ADAPTER in getattr(model, "peft_config", {}):
+        if model is not None and (name in marked or ADAPTER in getattr(model, "peft_config", {})):
             models[name] = model
     return models
+
+
+def lora_models(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """The components that carry our LoRA/DoRA adapter."""
+    return {n: m for n, m in adapted_models(pipe).items() if ADAPTER in getattr(m, "peft_config", {})}
 
 
 # What a loader needs to rebuild the adapter (diffusers passes these to peft.LoraConfig). PEFT 0.21's
@@ -95,7 +102,7 @@ def save_lora(pipe: DiffusionPipeline, out_dir: str | Path, dtype: torch.dtype =
     can't read)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = adapted_models(pipe)
+    models = lora_models(pipe)
     layers, metadata = {}, {}
     for name, model in models.items():
         # PEFT keys (lora_A/lora_B) as they are. convert_state_dict_to_diffusers rewrites only the
@@ -154,10 +161,11 @@ def kohya_state_dict(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
     """
     sd15 = not is_sdxl(pipe)
     out = {}
-    for name, model in adapted_models(pipe).items():
+    for name, model in lora_models(pipe).items():
         peft_sd = {f"{name}.{k}": v for k, v in get_peft_model_state_dict(model).items()}
         alpha = float(model.peft_config[ADAPTER].lora_alpha)
-        for key, value in convert_state_dict_to_kohya(peft_sd).items():
+        peft_sd, magnitudes = split_magnitudes(peft_sd)
+        for key, value in [*convert_state_dict_to_kohya(peft_sd).items(), *magnitudes.items()]:
             if key.endswith(".alpha"):
                 value = torch.tensor(alpha)
             if name in TEXT_ENCODERS and "_text_model_" not in key:
@@ -170,17 +178,45 @@ def kohya_state_dict(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
     return out
 
 
+def split_magnitudes(peft_sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """DoRA's magnitude vectors out of a PEFT state dict, renamed as kohya-format ``.dora_scale``
+    keys (``<name>.<module>.lora_magnitude_vector`` -> the module's ``lora_down`` prefix +
+    ``.dora_scale``), reshaped to one value per output row: ``[out, 1]`` for a Linear,
+    ``[out, 1, 1, 1]`` for a Conv2d. ComfyUI picks the decomposition axis by
+    ``dora_scale.shape[0] == weight.shape[0]``; peft's ``[out]`` (Linear) would broadcast wrongly
+    and its ``[1, out, 1, 1]`` (Conv2d) would select the input axis.
+
+    The values are peft's: the magnitude m in W' = m * (W + s*BA) / ||W + s*BA||_row (Liu et al.
+    2024, eq. 5), as LyCORIS' output-axis DoRA defines it. (ComfyUI's output-axis branch divides by
+    ||W||_row instead, comfyanonymous/ComfyUI#12938 and PR #15458; we write the defined value.)"""
+    rest, magnitudes = {}, {}
+    for key, value in peft_sd.items():
+        if not key.endswith(".lora_magnitude_vector"):
+            rest[key] = value
+            continue
+        module = key[: -len(".lora_magnitude_vector")]
+        probe = convert_state_dict_to_kohya({f"{module}.lora_A.weight": value})  # the module's kohya name
+        prefix = next(iter(probe)).split(".lora_down")[0]
+        flat = value.reshape(-1)
+        shape = (flat.numel(), 1, 1, 1) if value.dim() == 4 else (flat.numel(), 1)
+        magnitudes[f"{prefix}.dora_scale"] = flat.reshape(shape)
+    return rest, magnitudes
+
+
 def kohya_metadata(pipe: DiffusionPipeline) -> dict[str, str]:
     """The ``ss_*`` header fields kohya's scripts write; UIs show them and some read dim/alpha."""
     config = pipe.unet.peft_config[ADAPTER]
     sdxl = is_sdxl(pipe)
-    return {
+    metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.r),
         "ss_network_alpha": str(float(config.lora_alpha)),
         "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
         "ss_training_comment": "trained with ghibli_lab",
     }
+    if config.use_dora:  # kohya's own DoRA runs record the algorithm as LyCORIS does
+        metadata["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": True})
+    return metadata
 
 
 def load_lora(pipe: DiffusionPipeline, path: str | Path, adapter_name: str = ADAPTER) -> None:
@@ -200,16 +236,27 @@ def has_adapter(pipe: DiffusionPipeline) -> bool:
 
 @contextmanager
 def without_adapter(pipe: DiffusionPipeline) -> Iterator[DiffusionPipeline]:
-    """The base model inside the block: every adapter disabled, and enabled again after it, even
-    on an error (a disabled adapter that stays disabled scores every later run as the base)."""
-    if not has_adapter(pipe):
-        yield pipe
-        return
-    pipe.disable_lora()
+    """The base model inside the block: every adapter disabled and every fully fine-tuned
+    component swapped for its base copy; all put back after it, even on an error (a disabled
+    adapter that stays disabled scores every later run as the base). Textual inversion needs
+    nothing here: the base side's prompts simply lack the token."""
+    swapped = {}
+    for name, base in getattr(pipe, BASE_COMPONENTS, {}).items():
+        trained = getattr(pipe, name)
+        param = next(trained.parameters())
+        swapped[name] = trained
+        setattr(pipe, name, base.to(param.device))
+    adapters = has_adapter(pipe)
+    if adapters:
+        pipe.disable_lora()
     try:
         yield pipe
     finally:
-        pipe.enable_lora()
+        if adapters:
+            pipe.enable_lora()
+        for name, trained in swapped.items():
+            getattr(pipe, name).to("cpu")  # the base copy waits off the device
+            setattr(pipe, name, trained)
 
 
 @contextmanager

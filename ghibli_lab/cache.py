@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ghibli_lab.data import ImageCaptionDataset, Record, Split, load_image, prepare_image, sample_seed
+from ghibli_lab.data import ImageCaptionDataset, PriorPreservationDataset, Record, Split, load_image, prepare_image, sample_seed
 from ghibli_lab.encode import encode_text, offload_encoders
 from ghibli_lab.hub import model_fingerprint
+from ghibli_lab.methods import trains_text_encoders
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # bump when what is stored (or how it is computed) changes
@@ -49,35 +50,41 @@ def entry_key(**parts) -> str:
 
 
 def build_datasets(
-    pipe: DiffusionPipeline, split: Split, cfg: DictConfig, dtype: torch.dtype, accelerator
+    pipe: DiffusionPipeline, split: Split, cfg: DictConfig, dtype: torch.dtype, accelerator, class_images: list[Record] = ()
 ) -> tuple[Dataset, Dataset, dict]:
     """Training and held-out datasets: from the shared cache when it can stand in for the encoders
     (then the VAE and frozen text encoders leave the device until sampling), else pixels and
-    captions encoded every step. Returns them and what the cache did, for summary.json."""
+    captions encoded every step. With DreamBooth's ``class_images``, every training example comes
+    paired with a class image (``PriorPreservationDataset``). Returns the datasets and what the
+    cache did, for summary.json."""
     ds = cfg.dataset
-    plan = cache_plan(ds, cfg.lora) if cfg.train.cache else {"latents": False, "text": False}
+    plan = cache_plan(ds, cfg) if cfg.train.cache else {"latents": False, "text": False}
     stats = {"latents": plan["latents"], "text": plan["latents"] and plan["text"], "encoded": 0, "reused": 0}
     if not plan["latents"]:
         log.info("no latent cache (train.cache=%s, dataset.center_crop=%s)", cfg.train.cache, ds.center_crop)
         train_set = ImageCaptionDataset(split.train, ds.resolution, ds.center_crop, ds.random_flip, seed=cfg.seed)
         val_set = ImageCaptionDataset(split.holdout, ds.resolution, center_crop=True, random_flip=False)
-        return train_set, val_set, stats
-    model_fp = fingerprint(cfg.model, dtype)
-    flips = (False, True) if ds.random_flip else (False,)
-    root = Path(cfg.cache_dir) / "encoded"
-    with accelerator.main_process_first():  # one process encodes, the others then reuse
-        train_set = CachedDataset(encode_records(pipe, split.train, ds, root, model_fp, flips, plan["text"], stats), seed=cfg.seed)
-        val_set = CachedDataset(encode_records(pipe, split.holdout, ds, root, model_fp, (False,), plan["text"], stats))
-    offload_encoders(pipe, text=plan["text"])
-    log.info("cache: %d entries encoded, %d reused", stats["encoded"], stats["reused"])
+        class_set = ImageCaptionDataset(class_images, ds.resolution, ds.center_crop, ds.random_flip, seed=cfg.seed + 1)
+    else:
+        model_fp = fingerprint(cfg.model, dtype)
+        flips = (False, True) if ds.random_flip else (False,)
+        root = Path(cfg.cache_dir) / "encoded"
+        with accelerator.main_process_first():  # one process encodes, the others then reuse
+            train_set = CachedDataset(encode_records(pipe, split.train, ds, root, model_fp, flips, plan["text"], stats), seed=cfg.seed)
+            val_set = CachedDataset(encode_records(pipe, split.holdout, ds, root, model_fp, (False,), plan["text"], stats))
+            class_set = CachedDataset(encode_records(pipe, class_images, ds, root, model_fp, flips, plan["text"], stats), seed=cfg.seed + 1)
+        offload_encoders(pipe, text=plan["text"])
+        log.info("cache: %d entries encoded, %d reused", stats["encoded"], stats["reused"])
+    if class_images:
+        train_set = PriorPreservationDataset(train_set, class_set, cfg.method.prior_loss_weight)
     return train_set, val_set, stats
 
 
-def cache_plan(ds_cfg: DictConfig, lora_cfg: DictConfig) -> dict:
+def cache_plan(ds_cfg: DictConfig, cfg: DictConfig) -> dict:
     """Which encoders the cache can stand in for, and why not when it can't."""
     return {
         "latents": bool(ds_cfg.center_crop),
-        "text": not lora_cfg.text_encoder,  # a trained text encoder changes its own outputs
+        "text": not trains_text_encoders(cfg),  # a trained text encoder changes its own outputs
     }
 
 

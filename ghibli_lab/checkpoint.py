@@ -1,7 +1,7 @@
 """Crash-safe training checkpoints that resume exactly.
 
-A checkpoint holds everything the loop needs to continue as if it had never stopped: the LoRA
-(trainable) weights, optimizer, lr-scheduler and grad-scaler state, every RNG state (python,
+A checkpoint holds everything the loop needs to continue as if it had never stopped: the
+trainable weights (the adapter, or a full fine-tune's UNet), optimizer, lr-scheduler and grad-scaler state, every RNG state (python,
 numpy, torch CPU and CUDA), and the loop position (step, epoch, batches consumed in the epoch,
 the partial logging window).
 
@@ -24,14 +24,13 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ghibli_lab.adapters import save_lora
 from ghibli_lab.runs import CHECKPOINTS, MARKER, latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -40,15 +39,16 @@ log = logging.getLogger(__name__)
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    pipe,
     params: dict[str, torch.nn.Parameter],
     optimizer,
     lr_scheduler,
     scaler,
     loop_state: dict[str, Any],
     keep: int,
+    export: Callable[[Path], Any] | None = None,
 ) -> Path | None:
     """Write ``checkpoints/step_<step>`` atomically, then prune to the newest ``keep``.
+    ``export(dir)``, when given, also writes the weights as a loadable file into the checkpoint.
     Returns its path, or None when it could not be written (too little free disk space, or a
     write that failed part-way): then nothing older is removed and no partial dir is left."""
     root = Path(run_dir) / CHECKPOINTS
@@ -67,7 +67,7 @@ def save_checkpoint(
 
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
     try:
-        _write(tmp, step, pipe, params, optimizer, lr_scheduler, scaler, loop_state)
+        _write(tmp, step, params, optimizer, lr_scheduler, scaler, loop_state, export)
     except (OSError, SafetensorError, RuntimeError) as err:  # a disk that fills up mid-save, say
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)[0]
@@ -83,11 +83,12 @@ def save_checkpoint(
     return final
 
 
-def _write(tmp: Path, step: int, pipe, params, optimizer, lr_scheduler, scaler, loop_state: dict[str, Any]) -> None:
+def _write(tmp: Path, step: int, params, optimizer, lr_scheduler, scaler, loop_state: dict[str, Any], export) -> None:
     """Every file of a checkpoint into ``tmp``, flushed to disk, the marker last."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_lora(pipe, tmp / "lora")  # loadable on its own, as at the end of training
+    if export is not None:
+        export(tmp)  # loadable on its own, as at the end of training
     save_file({k: p.detach().float().cpu().contiguous() for k, p in params.items()}, tmp / "trainable.safetensors")
     torch.save(
         {
@@ -114,8 +115,8 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer
     missing = set(params) - set(weights)
     if missing:
         raise ValueError(
-            f"checkpoint {path} does not match this run's LoRA: {len(missing)} parameters missing "
-            f"(e.g. {sorted(missing)[0]}); was it written with other lora.* settings?"
+            f"checkpoint {path} does not match this run's trainable weights: {len(missing)} parameters missing "
+            f"(e.g. {sorted(missing)[0]}); was it written with other lora.* or method.* settings?"
         )
     with torch.no_grad():
         for name, param in params.items():

@@ -51,14 +51,31 @@ class DatasetConfig:
 
 @dataclass
 class LoraConfig:
-    type: str = MISSING  # an adapter type of ghibli_lab.adapters.ADAPTER_TYPES ("lora")
     rank: int = MISSING
     alpha: float = MISSING  # independent of rank; the effective scale is alpha / rank
     dropout: float = MISSING
     target_modules: list[str] = MISSING
     text_encoder: bool = MISSING  # also train LoRA on the text encoder(s), both on SDXL
     text_encoder_target_modules: list[str] = MISSING
-    save_dtype: str = MISSING  # fp16 | bf16 | fp32: the exported files (training is always fp32)
+    save_dtype: str = MISSING  # fp16 | bf16 | fp32: every method's exported files (training is always fp32)
+
+
+@dataclass
+class MethodConfig:
+    """What is trained, and how (conf/method/). Every option fills every key; keys a method has
+    no use for hold their neutral value (0, null, false), which check_config enforces."""
+
+    name: str = MISSING  # label in tables and reports: lora | dora | full | dreambooth | textual_inversion
+    weights: str = MISSING  # what trains: lora | dora (peft use_dora) | full (the UNet) | embeddings (new tokens)
+    lr: Optional[float] = MISSING  # null: train.lr; else this method's learning rate (see conf/method/*.yaml)
+    full_text_encoders: bool = MISSING  # weights=full: the text encoder(s) in full too
+    trigger: str = MISSING  # prepended to every training caption, and to every prompt these weights sample
+    prior_loss_weight: float = MISSING  # DreamBooth prior preservation (0 = off): weight of the class-image loss
+    class_prompt: Optional[str] = MISSING  # prompt of the class images the base model generates
+    num_class_images: int = MISSING
+    token: Optional[str] = MISSING  # weights=embeddings: the new token (it must occur in trigger)
+    init_word: Optional[str] = MISSING  # weights=embeddings: the new vectors start as this word's embedding
+    num_vectors: int = MISSING  # weights=embeddings: vectors per token (<tok>, <tok>_1, ...)
 
 
 @dataclass
@@ -80,6 +97,7 @@ class TrainConfig:
     grad_accum: int = MISSING
     lr: float = MISSING
     lr_scheduler: str = MISSING  # any name diffusers.optimization.get_scheduler knows
+    optimizer: str = MISSING  # adamw | adamw8bit (bitsandbytes, CUDA only: the full fine-tune's memory saver)
     warmup_steps: int = MISSING
     adam_beta1: float = MISSING
     adam_beta2: float = MISSING
@@ -127,6 +145,7 @@ class TrainRunConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
     lora: LoraConfig = MISSING
+    method: MethodConfig = MISSING
     scheduler: SchedulerConfig = MISSING
     guidance: GuidanceConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -282,6 +301,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "logger.name": ("wandb", "none"),
     "train.nonfinite": ("stop", "skip"),
     "lora.save_dtype": ("fp16", "bf16", "fp32"),
+    "method.weights": ("lora", "dora", "full", "embeddings"),
+    "train.optimizer": ("adamw", "adamw8bit"),
     "logger.mode": (None, "online", "offline", "disabled"),
 }
 
@@ -333,6 +354,36 @@ def check_config(cfg: DictConfig) -> None:
         errors.append(f"train.log_every must be >= 1, got {t.log_every}")
     if cfg.scheduler.steps < 1:
         errors.append(f"scheduler.steps must be >= 1, got {cfg.scheduler.steps}")
+    errors += method_errors(cfg.method)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
+
+
+def method_errors(m: DictConfig) -> list[str]:
+    """What a ``method`` config can't combine: prior preservation needs class images, embeddings
+    need a token in the trigger, and the embedding and full-text-encoder keys must keep their
+    neutral value elsewhere (a swept key that does nothing fails instead of silently training
+    the same thing twice)."""
+    errors = []
+    if m.prior_loss_weight < 0 or m.num_class_images < 0:
+        errors.append("method.prior_loss_weight and method.num_class_images must be >= 0")
+    if m.prior_loss_weight > 0 and not (m.num_class_images > 0 and m.class_prompt):
+        errors.append(
+            "prior preservation (method.prior_loss_weight > 0) needs method.num_class_images > 0 and a "
+            f"method.class_prompt (got {m.num_class_images}, {m.class_prompt!r})"
+        )
+    if m.weights == "embeddings":
+        if not m.token or not m.init_word:
+            errors.append("method.weights=embeddings needs method.token and method.init_word")
+        elif m.token not in m.trigger:
+            errors.append(f"method.token={m.token!r} must occur in method.trigger={m.trigger!r}, or no prompt uses it")
+        if m.num_vectors < 1:
+            errors.append(f"method.num_vectors must be >= 1, got {m.num_vectors}")
+    elif m.token or m.init_word or m.num_vectors != 1:
+        errors.append(f"method.token, method.init_word and method.num_vectors are for method.weights=embeddings, not {m.weights}")
+    if m.lr is not None and m.lr <= 0:
+        errors.append(f"method.lr must be > 0 or null, got {m.lr}")
+    if m.full_text_encoders and m.weights != "full":
+        errors.append(f"method.full_text_encoders is for method.weights=full, not {m.weights} (LoRA on the text encoders: lora.text_encoder)")
+    return errors

@@ -472,9 +472,33 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         }
 
 
+class PriorPreservationDataset(torch.utils.data.Dataset):
+    """DreamBooth's batches (Ruiz et al. 2023, sec. 4.2): training example i comes with class
+    image i mod N, the two weighted 1 and ``prior_weight`` in the loss (``loss.batch_mean``)."""
+
+    def __init__(self, instances: torch.utils.data.Dataset, classes: torch.utils.data.Dataset, prior_weight: float):
+        self.instances, self.classes, self.prior_weight = instances, classes, prior_weight
+
+    def set_epoch(self, epoch: int) -> None:
+        self.instances.set_epoch(epoch)
+        self.classes.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        instance, prior = self.instances[i], self.classes[i % len(self.classes)]
+        instance["loss_weight"], prior["loss_weight"] = torch.tensor(1.0), torch.tensor(float(self.prior_weight))
+        instance["prior"], prior["prior"] = torch.tensor(False), torch.tensor(True)
+        return [instance, prior]
+
+
 def collate(batch: list[dict]) -> dict:
     """Stack a list of examples into a batch: tensors stacked, captions and keys kept as lists.
-    Works for pixel examples and for cached ones (latent moments, text embeddings)."""
+    Works for pixel examples and for cached ones (latent moments, text embeddings), and for
+    (instance, class) pairs, which become two rows each."""
+    if batch and isinstance(batch[0], list):
+        batch = [example for pair in batch for example in pair]
     return {k: torch.stack([b[k] for b in batch]) if torch.is_tensor(batch[0][k]) else [b[k] for b in batch] for k in batch[0]}
 
 

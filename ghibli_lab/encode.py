@@ -27,6 +27,9 @@ def encode_text(pipe: DiffusionPipeline, captions: list[str]) -> tuple[torch.Ten
     pairs = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if sdxl else [])
     embeds, pooled = [], None
     for tokenizer, encoder in pairs:
+        # Textual inversion's multi-vector tokens spelled out (<tok> -> "<tok> <tok>_1 ..."), as
+        # the pipelines do before encoding: training and sampling see the same ids.
+        captions = pipe.maybe_convert_prompt(captions, tokenizer)
         ids = tokenizer(
             captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(encoder.device)

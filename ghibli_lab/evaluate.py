@@ -1,8 +1,9 @@
-"""Held-out evaluation of trained LoRAs:  python -m ghibli_lab.evaluate run_dir=<run or sweep dir>
+"""Held-out evaluation of trained runs:  python -m ghibli_lab.evaluate run_dir=<run or sweep dir>
 
-For every run: reload its own training config (so the held-out split, model and caption prefix are
-the training ones), generate images for each held-out caption at fixed seeds with the LoRA and
-with the base model, and compare both with the held-out images: KID (the headline at our sizes),
+For every run, whatever its method (LoRA, DoRA, full fine-tune, DreamBooth, textual inversion):
+reload its own training config (so the held-out split, model, caption prefix and trigger are the
+training ones), generate images for each held-out caption at fixed seeds with the trained weights
+(the "lora" side of metrics.json, prompted with the method's trigger) and with the base model, and compare both with the held-out images: KID (the headline at our sizes),
 FID (clean-fid protocol, flagged when N < 2048), CLIP score, style similarity and the
 fixed-timestep validation loss. Every number is stamped with the protocol that produced it.
 """
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ghibli_lab.adapters import loaded_adapter, without_adapter
+from ghibli_lab.adapters import without_adapter
 from ghibli_lab.config import CONF_DIR, register_configs
 from ghibli_lab.data import SPLIT_FILE, ImageCaptionDataset, load_image, load_split, prepare_image
 from ghibli_lab.encode import encode_validation_set, eval_mode
@@ -50,8 +51,9 @@ from ghibli_lab.metrics import (
     score,
     summary_values,
 )
+from ghibli_lab.methods import applied, prompt_text, run_method, weights_dir
 from ghibli_lab.pipeline import load_pipeline, training_scheduler
-from ghibli_lab.runs import find_runs, holds_runs, load_run_config
+from ghibli_lab.runs import COST_COLUMNS, find_runs, holds_runs, load_run_config, run_costs
 from ghibli_lab.sampling import generate
 from ghibli_lab.tracking import log_side_run
 
@@ -73,13 +75,14 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         raise ValueError("eval.images_per_prompt and eval.steps must be >= 1, eval.bootstrap_draws >= 100")
     if e.features not in ("auto", "inception", "clip", "tiny") or e.scheduler not in ("ddpm", "ddim"):
         raise ValueError(f"eval.features must be auto|inception|clip|tiny and eval.scheduler ddpm|ddim, got {e.features!r}, {e.scheduler!r}")
-    unfinished = [run for run in runs if not (run / "lora").is_dir()]
+    unfinished = [run for run in runs if not weights_dir(run, load_run_config(run)).is_dir()]
     if len(unfinished) == len(runs):
         raise FileNotFoundError(
-            f"{runs[0] if len(runs) == 1 else root}: no finished run (no lora/ dir): did training finish?"
+            f"{runs[0] if len(runs) == 1 else root}: no finished run (no trained weights: lora/, full/ or "
+            "embeddings/): did training finish?"
         )
     for run in unfinished:
-        log.warning("not evaluated: %s has no lora/ dir (its training did not finish)", run.name)
+        log.warning("not evaluated: %s has no trained weights (its training did not finish)", run.name)
     runs = [run for run in runs if run not in unfinished]
     pipes, features, extracted, results = {}, {}, {}, []
     for run in tqdm(runs, desc="evaluate", disable=len(runs) == 1):
@@ -97,7 +100,9 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
             raise ValueError(f"{run}: the run held out {len(holdout)} image(s); evaluation needs at least 2 (dataset.holdout_fraction)")
         resolution = e.resolution or train_cfg.dataset.resolution
         settings = dict(scheduler=e.scheduler, steps=e.steps, guidance_scale=float(cfg.guidance.scale), resolution=resolution)
-        prompts = [r.caption for r in holdout]  # as trained: with the trigger prefix
+        prompts = [r.caption for r in holdout]  # as trained: with the dataset's trigger prefix
+        method = run_method(train_cfg)
+        trained_prompts = [prompt_text(method, p) for p in prompts]  # and the method's trigger
         k = e.images_per_prompt
         # Independent samples: every image its own seed; LoRA and base share them, image for image.
         seeds = [[e.seed + i * k + j for j in range(k)] for i in range(len(prompts))]
@@ -124,11 +129,12 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         val_args = (noise_scheduler, list(train_cfg.train.val_timesteps), train_cfg.seed)
         # The training run's own batching, so the fixed noise and the number match its val/loss.
         val_set = ImageCaptionDataset(holdout, train_cfg.dataset.resolution, center_crop=True, random_flip=False)
-        with loaded_adapter(pipe, run / "lora", adapter_name="candidate"):
+        val_batches = encode_validation_set(pipe, val_set, train_cfg.train.batch_size)
+        trained_batches = [{**b, "caption": [prompt_text(method, c) for c in b["caption"]]} for b in val_batches]
+        with applied(pipe, weights_dir(run, train_cfg)):
             with eval_mode(pipe):
-                write_pngs(generate(pipe, prompts, seeds, **settings), out_dir / "images" / "lora", clear=True)
-            val_batches = encode_validation_set(pipe, val_set, train_cfg.train.batch_size)
-            lora_val = validation_loss(pipe, val_batches, *val_args, per_sample=True)
+                write_pngs(generate(pipe, trained_prompts, seeds, **settings), out_dir / "images" / "lora", clear=True)
+            lora_val = validation_loss(pipe, trained_batches, *val_args, per_sample=True)
             with without_adapter(pipe):
                 base_val = validation_loss(pipe, val_batches, *val_args, per_sample=True)
         lora = read_pngs(out_dir / "images" / "lora")  # metrics on exactly what is on disk (8-bit PNG)
@@ -169,13 +175,15 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
             "seed": e.seed,
             "seeds": "per image: eval.seed + prompt index x images_per_prompt + j; LoRA and base on the same seeds",
             "prompts": "held-out captions (training caption prefix included)",
+            "method": method.name,
+            "trigger": method.trigger,  # on the trained side's prompts only
             "clip_text": f"held-out captions without the trigger prefix {prefix!r}" if prefix else "held-out captions",
             "val_loss": f"unweighted MSE at timesteps {list(train_cfg.train.val_timesteps)}, fixed noise (seed {train_cfg.seed})",
             "metrics": {k: m.note for k, m in METRICS.items() if m.note},
             "paired": f"LoRA - base, {e.bootstrap_draws} paired bootstrap draws over the held-out prompts, 95% percentile interval",
             "device": str(device()),
             "dtype": "float32",
-            "lora_scale": train_cfg.lora.alpha / train_cfg.lora.rank,
+            "lora_scale": train_cfg.lora.alpha / train_cfg.lora.rank if method.weights in ("lora", "dora") else None,
             "base_images": str(base_dir),
             "base_images_status": base_status,
             "versions": library_versions(),
@@ -287,14 +295,16 @@ def write_tables(sweep_dir: Path, results: list[dict], name: str | None, unfinis
         for k in shown:
             d = r["paired"].get(k)
             diffs |= {f"{k}_diff": d and d["diff"], f"{k}_diff_low": d and d["low"], f"{k}_diff_high": d and d["high"]}
-        rows.append({"run": r["run"].name, **stamp, **r["lora"], **diffs})
+        summary_path = r["run"] / "summary.json"
+        costs = run_costs(json.loads(summary_path.read_text()) if summary_path.is_file() else {})
+        rows.append({"run": r["run"].name, **costs, **stamp, **r["lora"], **diffs})
         if p["base_images"] not in seen_base:
             seen_base.add(p["base_images"])
             rows.append({"run": "base model" if len(seen_base) == 1 else f"base model ({r['run'].name})", **stamp, **r["base"]})
     rows.sort(key=lambda row: math.inf if row.get(HEADLINE) is None else row[HEADLINE])
     stem = f"eval_table_{name}" if name else "eval_table"
     stamp_keys = ["n_real", "n_fake", "features", "scheduler", "steps", "guidance_scale", "images_per_prompt"]
-    columns = ["run", *stamp_keys, *METRIC_KEYS, *(f"{k}_diff{s}" for k in shown for s in ("", "_low", "_high"))]
+    columns = ["run", *COST_COLUMNS, *stamp_keys, *METRIC_KEYS, *(f"{k}_diff{s}" for k in shown for s in ("", "_low", "_high"))]
     with open(sweep_dir / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
@@ -302,16 +312,26 @@ def write_tables(sweep_dir: Path, results: list[dict], name: str | None, unfinis
 
     by_name = {r["run"].name: r for r in results}
     best = best_run(by_name)
-    md_columns = ["run", "N", *shown]
+    md_columns = ["run", "method", "N", *shown]
     lines = [
         "| " + " | ".join(md_columns) + " |",
         "|" + "---|" * len(md_columns),
         *(
             "| " + " | ".join(
-                [("★ " if row["run"] == best else "") + row["run"], f"{row['n_fake']} vs {row['n_real']}"]
+                [("★ " if row["run"] == best else "") + row["run"], row.get("method") or "-", f"{row['n_fake']} vs {row['n_real']}"]
                 + [fmt(row.get(c)) if row.get(c) is not None else "-" for c in shown]
             ) + " |"
             for row in rows
+        ),
+        "",
+        "What each run cost (from its summary.json; peak memory: " + cost_memory_note(results) + "):",
+        "",
+        "| run | " + " | ".join(list(COST_COLUMNS.values())) + " |",
+        "|" + "---|" * (len(COST_COLUMNS) + 1),
+        *(
+            f"| {row['run']} | " + " | ".join(fmt(row.get(c)) if row.get(c) is not None else "-" for c in COST_COLUMNS) + " |"
+            for row in rows
+            if "method" in row
         ),
         "",
         f"Sorted by KID (lower is better). N = generated vs held-out images. "
@@ -343,9 +363,18 @@ def write_tables(sweep_dir: Path, results: list[dict], name: str | None, unfinis
     if p["fid_warning"]:
         lines.append(f"FID warning: {p['fid_warning']}")
     if unfinished:
-        lines.append("Not evaluated (no lora/: training did not finish): " + ", ".join(r.name for r in unfinished))
+        lines.append("Not evaluated (no trained weights: training did not finish): " + ", ".join(r.name for r in unfinished))
     (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s", sweep_dir / f"{stem}.md")
+
+
+def cost_memory_note(results: list[dict]) -> str:
+    sources = set()
+    for r in results:
+        path = r["run"] / "summary.json"
+        if path.is_file():
+            sources.add(json.loads(path.read_text()).get("peak_memory_source"))
+    return ", ".join(sorted(s for s in sources if s)) or "not recorded"
 
 
 def log_evaluation(run: Path, result: dict, name: str | None) -> bool:

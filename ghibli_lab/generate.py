@@ -1,4 +1,4 @@
-"""Images from trained LoRAs:  python -m ghibli_lab.generate prompt="..." loras=[<run dir>, <file>]
+"""Images from trained runs:  python -m ghibli_lab.generate prompt="..." loras=[<run dir>, <file>]
 
 Writes into ``output_dir``:
 
@@ -8,7 +8,10 @@ Writes into ``output_dir``:
   w of ``blend_weights``, adapter a at weight 1 - w and b at w, so w = 0 is a alone and w = 1 is b.
 
 A LoRA is a run dir, a run's ``lora/`` dir, a diffusers ``.safetensors`` or a kohya
-``.safetensors`` file. ``run=<run dir>`` takes the model (and, unless set, the resolution and
+``.safetensors`` file. Runs of the other methods work the same way in ``loras``: a full fine-tune
+(a run dir, or a folder holding ``unet/``) and a textual-inversion embedding (a run dir or its
+``.safetensors`` file), each row prompted with its run's trigger. ``blend`` mixes adapters, so it
+takes LoRA and DoRA runs only. ``run=<run dir>`` takes the model (and, unless set, the resolution and
 caption prefix) from that run's ``.hydra/config.yaml``.
 
 The LoRA list is ``loras``, not ``lora``: ``conf/`` has a ``lora/`` config group, and Hydra reads
@@ -32,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ghibli_lab.adapters import DIFFUSERS_FILE, load_lora, without_adapter
+from ghibli_lab.methods import applied, embedding_token, prompt_text, run_method, weights_dir, weights_kind
 from ghibli_lab.config import CONF_DIR, register_configs
 from ghibli_lab.hub import OfflineError
 from ghibli_lab.pipeline import SAMPLERS, load_pipeline
@@ -55,9 +59,11 @@ class InputError(ValueError):
 @dataclass
 class LoraSource:
     spec: str  # as given
-    file: Path  # the .safetensors file to load
+    file: Path  # the .safetensors file to load (a full fine-tune: the folder holding unet/)
     run_dir: Optional[Path]  # the training run it came from, if any
     name: str
+    kind: str = "lora"  # lora (LoRA, DoRA) | full | embeddings: methods.weights_kind
+    method: Optional[DictConfig] = None  # the run's method; its trigger goes in front of every prompt
 
 
 def generate(cfg: DictConfig) -> dict[str, Path]:
@@ -73,6 +79,9 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
         raise InputError(f"blend takes exactly two LoRAs, got {len(blend)}: {list(cfg.blend)}")
     if blend and not cfg.blend_weights:
         raise InputError("blend_weights is empty: give e.g. blend_weights=[0,0.5,1]")
+    for source in blend:
+        if source.kind != "lora":
+            raise InputError(f"blend mixes LoRA/DoRA adapters; {source.spec!r} is a {source.kind} run: put it in loras=[...]")
     for source in loras + blend:
         check_family(source, model_cfg)
     if cfg.scheduler.name not in SAMPLERS:
@@ -99,7 +108,7 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
 
     pipe = load_pipeline(model_cfg).to("cuda" if torch.cuda.is_available() else "cpu")
     adapters: dict[Path, str] = {}  # one adapter per distinct file, shared by the grid and the blend
-    for source in loras + blend:
+    for source in [s for s in loras + blend if s.kind == "lora"]:
         if source.file not in adapters:
             adapters[source.file] = f"lora_{len(adapters)}"
             load_adapter(pipe, source, adapters[source.file], model_cfg)
@@ -108,8 +117,13 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
     with without_adapter(pipe):
         rows = [sample(pipe, full_prompts, [cfg.seed], **settings)]
     for source in loras:
-        pipe.set_adapters([adapters[source.file]], [cfg.lora_scale])
-        rows.append(sample(pipe, full_prompts, [cfg.seed], **settings))
+        prompts_here = [prompt_text(source.method, p) for p in full_prompts] if source.method is not None else full_prompts
+        if source.kind == "lora":
+            pipe.set_adapters([adapters[source.file]], [cfg.lora_scale])
+            rows.append(sample(pipe, prompts_here, [cfg.seed], **settings))
+        else:  # the other methods' weights, alone: every LoRA row's adapter off meanwhile
+            with without_adapter(pipe), applied(pipe, source.file):
+                rows.append(sample(pipe, prompts_here, [cfg.seed], **settings))
     labels = ["base", *(f"LoRA {i + 1}" for i in range(len(loras)))]
     paths = {"grid": out_dir / "grid.png"}
     grid = image_grid(rows, labels=labels)
@@ -117,7 +131,11 @@ def generate(cfg: DictConfig) -> dict[str, Path]:
     tile_w, tile_h = rows[0][0].size
     meta = {
         "rows": [{"label": "base", "lora": None}]
-        + [{"label": f"LoRA {i + 1}", "name": s.name, "lora": str(s.file), "scale": cfg.lora_scale} for i, s in enumerate(loras)],
+        + [
+            {"label": f"LoRA {i + 1}", "name": s.name, "lora": str(s.file), "kind": s.kind,
+             "trigger": s.method.trigger if s.method is not None else "", "scale": cfg.lora_scale if s.kind == "lora" else None}
+            for i, s in enumerate(loras)
+        ],
         "columns": [{"prompt": p, "seed": cfg.seed} for p in full_prompts],
         "model": OmegaConf.to_container(model_cfg),
         "tile": [tile_w, tile_h],
@@ -173,10 +191,23 @@ def load_run_config(run: str) -> DictConfig:
 
 
 def resolve_lora(spec: str) -> LoraSource:
-    """A run dir, its ``lora/`` dir, or a file -> the file to load, and the run it belongs to."""
+    """A run dir, its weights dir, or a file -> the file to load, and the run it belongs to."""
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "lora").is_dir():
-        path = path / "lora"
+    if is_run(path):
+        run_cfg = read_run_config(path)
+        method, path = run_method(run_cfg), weights_dir(path, run_cfg)
+        if not path.exists():
+            raise InputError(f"run {spec!r} has no trained weights ({path.name}/): did its training finish?")
+        kind = weights_kind(path)
+        if kind == "embeddings":
+            path = sorted(path.glob("*.safetensors"))[0]
+        if kind != "lora":
+            return LoraSource(spec, path.resolve(), Path(spec), Path(spec).name, kind, method)
+    elif path.exists() and weights_kind(path) != "lora":
+        kind = weights_kind(path)
+        token = embedding_token(path) if kind == "embeddings" else ""
+        method = OmegaConf.create({"trigger": f"{token} " if token else "", "weights": kind, "num_vectors": 1, "token": token})
+        return LoraSource(spec, path.resolve(), None, path.stem if path.is_file() else path.name, kind, method)
     if path.is_dir():
         path = path / DIFFUSERS_FILE
     if not path.is_file():
@@ -186,11 +217,12 @@ def resolve_lora(spec: str) -> LoraSource:
         )
     run = path.parent.parent
     run_dir = run if path.parent.name == "lora" and is_run(run) else None
+    method = run_method(read_run_config(run_dir)) if run_dir is not None else None
     if run_dir is not None:
         name = run_dir.name if path.name == DIFFUSERS_FILE else f"{run_dir.name}/{path.name}"
     else:
         name = path.stem
-    return LoraSource(spec, path.resolve(), run_dir, name)
+    return LoraSource(spec, path.resolve(), run_dir, name, "lora", method)
 
 
 def check_family(source: LoraSource, model_cfg: DictConfig) -> None:

@@ -25,15 +25,16 @@ from diffusers import DiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ghibli_lab.adapters import adapted_models, save_lora, without_adapter
+from ghibli_lab import methods
+from ghibli_lab.adapters import adapted_models
 from ghibli_lab.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from ghibli_lab.data import Split
 from ghibli_lab.encode import encode_validation_set, encoders_on, eval_mode
-from ghibli_lab.loss import training_loss, validation_loss
+from ghibli_lab.loss import batch_mean, training_loss, validation_loss
 from ghibli_lab.pipeline import training_scheduler
 from ghibli_lab.runs import ResumeMismatch, config_changes, find_resume_checkpoint, latest_checkpoint, training_config
 from ghibli_lab.sampling import save_samples
-from ghibli_lab.step import make_loader, make_optimizer, optimizer_step, total_steps
+from ghibli_lab.step import make_loader, make_optimizer, optimizer_step, peak_memory_mb, total_steps
 from ghibli_lab.tracking import Tracker, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def fit(
     val_batches = encode_validation_set(pipe, val_set, t.batch_size)
     max_steps, per_epoch = total_steps(t, len(loader))
     log.info("%d training / %d held-out images; %d steps", len(train_set), len(val_set), max_steps)
-    optimizer, lr_scheduler = make_optimizer(params, t, device, max_steps)
+    optimizer, lr_scheduler = make_optimizer(params, t, device, max_steps, lr=methods.learning_rate(cfg))
     optimizer, loader = accelerator.prepare(optimizer, loader)
     named = trainable_by_name(pipe)
 
@@ -214,7 +215,7 @@ def fit(
             break
         with accelerator.accumulate(*adapted_models(pipe).values()):
             with accelerator.autocast():
-                loss = training_loss(pipe, batch, noise_scheduler, dtype, t.noise_offset, t.snr_gamma, shard).mean()
+                loss = batch_mean(training_loss(pipe, batch, noise_scheduler, dtype, t.noise_offset, t.snr_gamma, shard), batch)
             # The one host sync per step: a NaN must be caught before the optimizer applies it.
             if not torch.isfinite(loss):
                 skip_nonfinite(loss, batch, state, t.nonfinite, len(loader))
@@ -240,13 +241,16 @@ def fit(
             tracker.log({"val/loss": state.val_loss}, step)
         if every(step, t.sample_every) and accelerator.is_main_process:
             path = write_samples(pipe, cfg, run_dir / "samples" / f"step_{step:06d}.png", dtype)
-            tracker.log_image("samples/grid", path, step, caption="top: base, bottom: LoRA")
+            tracker.log_image("samples/grid", path, step, caption=f"top: base, bottom: {cfg.method.name}")
         stopping = stop["signal"] is not None
         saved = None
         if (every(step, t.checkpoint_every) and step < max_steps or stopping) and accelerator.is_main_process:
             state.wandb = tracker.identity()
             loop_state = {**state.to_dict(), "config": training_config(OmegaConf.to_container(cfg, resolve=True))}
-            saved = save_checkpoint(run_dir, step, pipe, named, optimizer, lr_scheduler, accelerator.scaler, loop_state, t.keep_checkpoints)
+            # A LoRA-sized method also gets a loadable copy in the checkpoint; a full fine-tune's
+            # weights are already there once (trainable.safetensors).
+            export = None if cfg.method.weights == "full" else lambda out: methods.save(pipe, cfg, out, torch.float32)
+            saved = save_checkpoint(run_dir, step, named, optimizer, lr_scheduler, accelerator.scaler, loop_state, t.keep_checkpoints, export)
         if stopping:
             preempted(stop, state, tracker, saved, run_dir)
         if state.step >= max_steps:
@@ -303,6 +307,7 @@ def write_samples(pipe: DiffusionPipeline, cfg: DictConfig, path: Path, dtype: t
             pipe,
             path,
             prompts=[cfg.dataset.caption_prefix + p for p in cfg.sample.prompts],
+            trained_prompts=[methods.prompt_text(cfg.method, cfg.dataset.caption_prefix + p) for p in cfg.sample.prompts],
             seeds=list(cfg.sample.seeds),
             scheduler=cfg.scheduler.name,
             steps=cfg.scheduler.steps,
@@ -327,9 +332,11 @@ def summarize(
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return {}
-    files = save_lora(pipe, run_dir / "lora", dtype=SAVE_DTYPES[cfg.lora.save_dtype])
+    files = methods.save(pipe, cfg, run_dir, dtype=SAVE_DTYPES[cfg.lora.save_dtype])
     path = write_samples(pipe, cfg, run_dir / "samples" / "final.png", dtype)
-    tracker.log_image("samples/grid", path, state.step, caption="top: base, bottom: LoRA")
+    tracker.log_image("samples/grid", path, state.step, caption=f"top: base, bottom: {cfg.method.name}")
+    lora = cfg.method.weights in ("lora", "dora")
+    memory = peak_memory_mb(accelerator.device)
     wall = time.time() - start
     summary = {
         "steps": state.step,
@@ -337,10 +344,15 @@ def summarize(
         "train/loss": state.train_loss,
         "val/loss": state.val_loss,
         "val/loss_initial": state.first_val,
-        "lora/rank": cfg.lora.rank,
-        "lora/alpha": cfg.lora.alpha,
-        "lora/scale": cfg.lora.alpha / cfg.lora.rank,
+        "method": cfg.method.name,
+        "lora/rank": cfg.lora.rank if lora else None,
+        "lora/alpha": cfg.lora.alpha if lora else None,
+        "lora/scale": cfg.lora.alpha / cfg.lora.rank if lora else None,
+        # What the method costs: the report's cost columns.
         "trainable_params": extra["trainable_params"],
+        "weights_bytes": sum(f.stat().st_size for f in files.values()),
+        "peak_memory_mb": memory[0],
+        "peak_memory_source": memory[1],
         "n_train": len(split.train),
         "n_holdout": len(split.holdout),
         "skipped_batches": state.skipped_batches,
@@ -350,7 +362,7 @@ def summarize(
         "steps_per_s": round(state.step / wall, 3),
     }
     tracker.summary(summary)
-    summary["lora_files"] = {k: str(v.relative_to(run_dir)) for k, v in files.items()}
+    summary["weights_files"] = {k: str(v.relative_to(run_dir)) for k, v in files.items()}
     summary["wandb"] = tracker.identity()  # lets evaluation add to this run's W&B summary
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: %s", run_dir)

@@ -125,6 +125,16 @@ def training_loss(
     return diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, snr_gamma)
 
 
+def batch_mean(per_sample: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The loss of a batch: the mean; with DreamBooth's class rows, the instance mean plus
+    ``prior_weight`` x the class mean (Ruiz et al. 2023, eq. 2). Pairs make the counts equal, so
+    that is the weighted sum over the rows divided by the instance count."""
+    if "loss_weight" not in batch:
+        return per_sample.mean()
+    weights = batch["loss_weight"].to(per_sample)
+    return (per_sample * weights).sum() / (~batch["prior"]).sum().clamp(min=1)
+
+
 @torch.no_grad()
 def validation_loss(
     pipe: DiffusionPipeline,

@@ -633,8 +633,8 @@ def interval_text(d: dict) -> str:
 
 
 # Protocol keys that may differ between evaluations that are still comparable: where the base
-# images are cached and whether they were reused, the LoRA's own scale, library versions.
-LOCAL_PROTOCOL_KEYS = ("base_images", "base_images_status", "lora_scale", "versions")
+# images are cached and whether they were reused, the LoRA's own scale, library versions, the method and its trigger.
+LOCAL_PROTOCOL_KEYS = ("base_images", "base_images_status", "lora_scale", "versions", "method", "trigger")
 
 
 def protocols_differ(protocols: list[dict]) -> bool:

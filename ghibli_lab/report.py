@@ -45,7 +45,7 @@ from PIL import Image  # noqa: E402
 
 from ghibli_lab.config import CONF_DIR, register_configs  # noqa: E402
 from ghibli_lab.metrics import HEADLINE, METRICS, best_run, fmt, protocols_differ, summary_values  # noqa: E402
-from ghibli_lab.runs import find_runs, load_run_config  # noqa: E402
+from ghibli_lab.runs import COST_COLUMNS, find_runs, load_run_config, run_costs  # noqa: E402
 from ghibli_lab.sampling import image_grid  # noqa: E402
 from ghibli_lab.tracking import log_side_run  # noqa: E402
 
@@ -372,7 +372,7 @@ def run_grid(run: Run, tile: int, max_columns: int, path: Path) -> Optional[dict
                 seeds = [seeds] * len(meta["prompts"])
             columns = [{"prompt": p, "seed": s, "index": i} for i, (p, ss) in enumerate(zip(meta["prompts"], seeds)) for s in ss]
             rows = [[thumbnail(Image.open(p), tile) for p in paths[:n]] for paths in (base_paths, lora_paths)]
-            labels = ["base", "LoRA"]
+            labels = ["base", trained_label(run)]
             real_paths = sorted((base_dir / "real").glob("*.png"))
             if real_paths and len(columns) >= n:  # the held-out image of each column's caption, on top
                 rows.insert(0, [thumbnail(Image.open(real_paths[c["index"]]), tile) for c in columns[:n]])
@@ -400,12 +400,18 @@ def run_grid(run: Run, tile: int, max_columns: int, path: Path) -> Optional[dict
         [thumbnail(image.crop((label_w + j * res, i * res, label_w + (j + 1) * res, (i + 1) * res)), tile) for j in range(n)]
         for i in range(len(meta["rows"]))
     ]
-    image_grid(rows, labels=["base" if r == "base" else "LoRA" for r in meta["rows"]]).save(path)
+    image_grid(rows, labels=["base" if r == "base" else trained_label(run) for r in meta["rows"]]).save(path)
     source = (
         f"training samples (samples/final.png): {meta['scheduler']}, {meta['steps']} steps, "
         f"guidance {meta['guidance_scale']}; first {n} of {len(columns)}"
     )
     return {"path": path, "source": source, "columns": columns[:n]}
+
+
+def trained_label(run: Run) -> str:
+    """The trained row's label in grids: the run's method (LoRA for runs before the method axis)."""
+    method = run.summary.get("method", "lora")
+    return {"lora": "LoRA", "dora": "DoRA"}.get(method, method)
 
 
 def find_base_images(recorded: Optional[str], run_dir: Path) -> Optional[Path]:
@@ -663,16 +669,21 @@ def protocol_html(evaluated: list[Run]) -> str:
 
 
 def training_table(runs: list[Run], keys: list[str]) -> str:
+    """Training results and what each run cost: the method, trainable parameters, the exported
+    weights' size on disk, peak memory, wall time and speed."""
     e = html.escape
-    header = ["run", *keys, "val/loss start", "val/loss end", "train/loss", "steps", "trainable params", "wall s", "steps/s"]
+    header = ["run", *keys, "val/loss start", "val/loss end", "train/loss", "steps", *COST_COLUMNS.values()]
     out = ["<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
     for r in runs:
-        s = r.summary
+        s, costs = r.summary, run_costs(r.summary)
         cells = [f'<td class="name">{e(r.name)}</td>'] + [f"<td>{e(show(axis_value(r, k)))}</td>" for k in keys]
-        fields = ("val/loss_initial", "val/loss", "train/loss", "steps", "trainable_params", "wall_time_s", "steps_per_s")
-        cells += [f"<td>{cell(s.get(k))}</td>" for k in fields]
+        cells += [f"<td>{cell(s.get(k))}</td>" for k in ("val/loss_initial", "val/loss", "train/loss", "steps")]
+        cells += [f"<td>{e(costs[k]) if isinstance(costs[k], str) else cell(costs[k])}</td>" for k in COST_COLUMNS]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
+    sources = sorted({r.summary.get("peak_memory_source") for r in runs if r.summary.get("peak_memory_source")})
+    if sources:
+        out.append(f'<p class="caption">Peak memory: {e(", ".join(sources))}. File size: the exported weights on disk.</p>')
     return "\n".join(out)
 
 

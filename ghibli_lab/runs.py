@@ -41,6 +41,25 @@ def eval_output_dir(run_dir: str) -> str:
     return str(Path(tempfile.gettempdir()) / f"ghibli_lab-evaluate-{os.getpid()}")
 
 
+# What a run cost, from its summary.json, with the heading evaluation's and the report's tables give it.
+COST_COLUMNS = {
+    "method": "method",
+    "trainable_params": "trainable params",
+    "weights_mb": "file size (MB)",
+    "peak_memory_mb": "peak memory (MB)",
+    "wall_time_s": "wall time (s)",
+    "steps_per_s": "steps/s",
+}
+
+
+def run_costs(summary: dict) -> dict[str, Any]:
+    """A run's COST_COLUMNS values from its summary.json (None where an older run lacks one)."""
+    size = summary.get("weights_bytes")
+    values = {**summary, "weights_mb": size / 2**20 if size is not None else None}
+    values.setdefault("method", "lora" if summary else None)  # runs from before the method axis
+    return {k: values.get(k) for k in COST_COLUMNS}
+
+
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """The resolved training config Hydra wrote into ``run_dir`` (the one reader of it)."""
     path = Path(run_dir) / CONFIG_FILE

@@ -66,15 +66,17 @@ def save_samples(
     steps: int,
     guidance_scale: float,
     resolution: int,
+    trained_prompts: list[str] | None = None,
 ) -> Path:
-    """Write a 2-row grid (base model on top, LoRA below) over every (prompt, seed) column, and a
-    JSON file beside it naming the columns and the sampling settings."""
+    """Write a 2-row grid (base model on top, the trained weights below) over every (prompt, seed)
+    column, and a JSON file beside it naming the columns and the sampling settings. The trained
+    row uses ``trained_prompts`` (the prompts with the method's trigger) when given."""
     settings = dict(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, resolution=resolution)
     with without_adapter(pipe):
         base = generate(pipe, prompts, seeds, **settings)
-    lora = generate(pipe, prompts, seeds, **settings)
+    lora = generate(pipe, trained_prompts or prompts, seeds, **settings)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([base, lora], labels=["base", "LoRA"]).save(out_path)
-    columns = [{"prompt": p, "seed": s} for p in prompts for s in seeds]
+    image_grid([base, lora], labels=["base", "trained"]).save(out_path)
+    columns = [{"prompt": p, "trained_prompt": q, "seed": s} for p, q in zip(prompts, trained_prompts or prompts) for s in seeds]
     out_path.with_suffix(".json").write_text(json.dumps({"rows": ["base", "lora"], "columns": columns, **settings}, indent=2))
     return out_path

@@ -29,6 +29,8 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1, seed: int | None
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)  # peak_memory_mb: this run's, not the sweep's
     if seed is not None:
         set_seed(seed)
     return accelerator, weight_dtype(mixed_precision, accelerator.device)
@@ -83,20 +85,39 @@ def total_steps(train_cfg: DictConfig, batches_per_epoch: int) -> tuple[int, int
     return train_cfg.max_steps or train_cfg.epochs * per_epoch, per_epoch
 
 
-def make_optimizer(params: list[torch.nn.Parameter], train_cfg: DictConfig, device: torch.device, max_steps: int):
-    """AdamW over ``params`` and its learning-rate schedule."""
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=train_cfg.lr,
-        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        eps=train_cfg.adam_eps,
-        weight_decay=train_cfg.weight_decay,
-        fused=device.type == "cuda",  # one kernel for all adapter tensors instead of one per tensor
-    )
+def make_optimizer(params: list[torch.nn.Parameter], train_cfg: DictConfig, device: torch.device, max_steps: int, lr: float):
+    """AdamW (``train.optimizer``) over ``params`` at ``lr``, and its learning-rate schedule."""
+    kwargs = dict(lr=lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2), eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay)
+    if train_cfg.optimizer == "adamw8bit":
+        optimizer = adamw_8bit(params, device, kwargs)
+    else:  # fused: one kernel for all trainable tensors instead of one per tensor
+        optimizer = torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
     lr_scheduler = get_scheduler(
         train_cfg.lr_scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=max_steps
     )
     return optimizer, lr_scheduler
+
+
+def adamw_8bit(params: list[torch.nn.Parameter], device: torch.device, kwargs: dict) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW (Dettmers et al. 2022, arXiv:2110.02861): Adam's two moments in
+    8 bits, 6 bytes per parameter less; what lets a full fine-tune fit a 24 GB GPU."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ValueError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA GPUs)") from None
+    if device.type != "cuda":
+        raise ValueError(f"train.optimizer=adamw8bit runs on CUDA GPUs only, not {device.type}: use train.optimizer=adamw")
+    return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """The run's peak memory: CUDA's allocator peak since ``make_accelerator`` on a GPU; on the CPU
+    the process's peak resident set (in a multirun, the max over this and the earlier jobs)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1), "cuda max allocated"
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "process peak RSS"
 
 
 def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:

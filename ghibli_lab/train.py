@@ -1,8 +1,9 @@
 """LoRA fine-tuning of SDXL / SD 1.5:  python -m ghibli_lab.train [overrides]   (-m for sweeps)
 
 ``train(cfg, run_dir)`` reads top to bottom: check → data split → accelerator → tracker and
-preemption → pipeline → adapter → datasets → loop → summary. The step math lives in the library
-modules (``encode``, ``loss``, ``step``, ``loop``); this module only composes them. Everything a
+preemption → pipeline → the method's weights (``method=lora|dora|full|dreambooth|textual_inversion``)
+→ datasets → loop → summary. The step math lives in the library modules (``encode``, ``loss``,
+``step``, ``loop``) and what each method trains in ``methods``; this module only composes them. Everything a
 run produces lands in its run dir (see README, "Outputs").
 """
 
@@ -30,14 +31,13 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
     check_config(cfg)
     # The heavy libraries (torch, diffusers, transformers, wandb) load only once the config is
     # known to be good, so a typo fails in about a second.
-    from ghibli_lab import adapters, cache, data, loop, pipeline, runs, step, tracking
+    from ghibli_lab import cache, data, loop, methods, pipeline, runs, step, tracking
 
     pipeline.check_model_source(cfg.model)
-    adapters.check_adapter(cfg.lora)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with runs.run_lock(run_dir, active=runs.process_shard()[0] == 0):  # one writer per run dir
-        split = data.load_split(cfg.dataset, cfg.cache_dir, run_dir)
+        split = methods.with_trigger(data.load_split(cfg.dataset, cfg.cache_dir, run_dir), cfg.method)
         accelerator, dtype = step.make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, cfg.seed)
         main_process = accelerator.is_main_process
         resume_from, resumed = loop.resume_point(cfg, run_dir, main_process)
@@ -49,9 +49,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
         ):
             pipe = pipeline.load_pipeline(cfg.model)
             data.report_captions(split, pipe.tokenizer, run_dir, write=main_process)
-            params = adapters.attach_lora(pipe, cfg.lora)
+            class_images = methods.class_records(pipe, cfg, accelerator.device, dtype)  # DreamBooth's prior
+            params = methods.attach(pipe, cfg)
             step.prepare_for_training(pipe, cfg.train, accelerator.device, dtype)
-            train_set, val_set, cache_stats = cache.build_datasets(pipe, split, cfg, dtype, accelerator)
+            train_set, val_set, cache_stats = cache.build_datasets(pipe, split, cfg, dtype, accelerator, class_images)
             state = loop.fit(pipe, params, (train_set, val_set), cfg, accelerator, dtype, tracker, stop, run_dir, resume_from)
             extra = {
                 "trainable_params": sum(p.numel() for p in params),

@@ -91,7 +91,8 @@ def test_every_run_gets_metrics_with_protocol_and_the_sweep_a_table(sweep):
     kids = [float(r["kid"]) for r in rows]
     assert kids == sorted(kids)
     table = (sweep / "eval_table.md").read_text()
-    assert "| run | N | kid |" in table and "clamped to N" in table
+    assert "| run | method | N | kid |" in table and "clamped to N" in table
+    assert "| run | method | trainable params | file size (MB) |" in table  # what each run cost
     assert "| 2 vs 2 |" not in table and "| 4 vs 2 |" in table  # each row's N: generated vs held out
     assert "LoRA − base, 95% paired bootstrap interval" in table
     assert "kid_diff_low" in rows[0] and rows[0]["features"] == "tiny"  # the csv carries intervals and protocol

@@ -188,7 +188,7 @@ def test_a_sweep_with_an_unfinished_run_is_evaluated_where_it_finished(sweep_wit
     root = sweep_with_an_unfinished_run
     results = evaluate(compose_train([f"run_dir={root}", "eval.features=tiny", "eval.steps=1"], config_name="evaluate"))
     assert [r["run"].name for r in results] == ["0_lora.alpha-4", "1_lora.alpha-8"]
-    assert "Not evaluated (no lora/: training did not finish): 2_lora.alpha-16" in (root / "eval_table.md").read_text()
+    assert "Not evaluated (no trained weights: training did not finish): 2_lora.alpha-16" in (root / "eval_table.md").read_text()
 
 
 def test_two_evaluations_sharing_the_base_image_cache_both_succeed(sweep_with_an_unfinished_run, tmp_path):

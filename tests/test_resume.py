@@ -148,7 +148,7 @@ def test_short_disk_space_skips_the_save_and_keeps_the_previous_checkpoint(tiny_
     previous = checkpoint.latest_checkpoint(tmp_path / "run")[0]
     assert previous.name == "step_000002"
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    result = checkpoint.save_checkpoint(tmp_path / "run", 4, None, {}, None, None, None, {}, keep=1)
+    result = checkpoint.save_checkpoint(tmp_path / "run", 4, {}, None, None, None, {}, keep=1)
     assert result is None
     assert "not enough disk space" in caplog.text and "keeping step_000002" in caplog.text
     assert checkpoint.latest_checkpoint(tmp_path / "run")[0] == previous and (previous / checkpoint.MARKER).is_file()
