@@ -70,6 +70,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg, run_dir, group=Path(hc.sweep.dir).name if sweep else None, name=run_dir.name)
         if process_shard()[0] == 0:  # once under accelerate launch / torchrun; only after results exist
+            from ghibli_lab.card import write_model_card
+
+            write_model_card(run_dir)  # README.md, the Hub's model card (evaluation adds its metrics)
             update_latest(cfg.output_root, Path(hc.sweep.dir) if sweep else run_dir)
     except (ConfigError, OfflineError, ResumeMismatch, RunDirBusy) as err:  # expected: the message, no stack trace
         raise SystemExit(f"ghibli_lab.train: {err}") from None

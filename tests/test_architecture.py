@@ -19,7 +19,7 @@ from ghibli_lab import config
 from .conftest import ROOT
 
 PACKAGE = ROOT / "ghibli_lab"
-ENTRY_POINTS = {"train", "evaluate", "report", "generate", "bench"}
+ENTRY_POINTS = {"train", "evaluate", "report", "generate", "bench", "publish"}
 
 
 def package_imports(top_level_only: bool) -> dict[str, set[str]]:

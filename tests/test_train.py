@@ -175,11 +175,12 @@ def test_multirun_grid_makes_one_complete_run_dir_per_job(tmp_path):
     ]
     for run in runs:
         for f in ["lora/pytorch_lora_weights.safetensors", "lora/lora_kohya.safetensors", "metrics.jsonl",
-                  "summary.json", "samples/final.png", ".hydra/config.yaml"]:
+                  "summary.json", "samples/final.png", ".hydra/config.yaml", "README.md"]:
             assert (run / f).is_file(), f"{run.name}: {f} missing"
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
         rank, alpha = int(run.name.split("rank-")[1]), int(run.name.split("alpha-")[1].split("_")[0])
         assert (cfg.lora.rank, cfg.lora.alpha) == (rank, alpha)
+        assert f"| LoRA rank / alpha | {rank} / " in (run / "README.md").read_text()  # the model card
         kohya = load_file(run / "lora" / "lora_kohya.safetensors")
         assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {float(alpha)}
         assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
