@@ -41,6 +41,7 @@ class DatasetConfig:
     image_column: str = MISSING  # hub datasets only: column names
     caption_column: str = MISSING
     num_images: Optional[int] = MISSING  # cap on images used; synthetic: how many to generate
+    style: Optional[str] = MISSING  # folder / synthetic: train on the subfolder <path>/<style> only (null: all of it)
     resolution: int = MISSING
     center_crop: bool = MISSING  # False: random crop
     random_flip: bool = MISSING
@@ -262,14 +263,15 @@ def launch_time() -> datetime.datetime:
     return datetime.datetime.now()
 
 
-def swept_values(task_overrides: list[str], sweep_dir: str | None = None) -> str:
+def swept_values(task_overrides: list[str], sweep_dir: str | None = None, _root_: Any = None) -> str:
     """``lora.alpha-4_lora.rank-8``: this job's values of the keys swept on the command line.
 
     Used to name sweep sub-dirs (``hydra.sweep.subdir``). Hydra's ``override_dirname`` holds every
     override, swept or not; which ones were swept is only visible in the original arguments.
     Launchers that run jobs in other processes (submitit) have other arguments; then the sweep's
-    ``multirun.yaml``, which the launcher writes first, has them. Falls back to all of this job's
-    overrides when neither can be read.
+    ``multirun.yaml``, which the launcher writes first, has them. A search space in the config
+    (``hydra.sweeper.params``, e.g. ``hydra/sweeper=optuna``'s) counts as swept too. Falls back to
+    all of this job's overrides when none of these can be read.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -279,6 +281,8 @@ def swept_values(task_overrides: list[str], sweep_dir: str | None = None) -> str
     multirun = Path(sweep_dir) / "multirun.yaml" if sweep_dir else None
     if multirun is not None and multirun.is_file():
         args = list(OmegaConf.load(multirun).hydra.overrides.task)
+    params = OmegaConf.select(_root_, "hydra.sweeper.params") if _root_ is not None else None
+    args = [*args, *(f"{key}={value}" for key, value in (params or {}).items())]
     for arg in args:
         try:
             (override,) = parser.parse_overrides([arg])
@@ -330,6 +334,8 @@ def check_config(cfg: DictConfig) -> None:
         errors.append(f"dataset.resolution must be a positive multiple of 8, got {cfg.dataset.resolution}")
     if cfg.dataset.source in ("hub", "folder") and not cfg.dataset.path:
         errors.append(f"dataset.path is required for dataset.source={cfg.dataset.source}")
+    if cfg.dataset.style is not None and (cfg.dataset.source == "hub" or not re.fullmatch(r"[\w.-]+", cfg.dataset.style)):
+        errors.append(f"dataset.style={cfg.dataset.style!r} must name a subfolder (letters, digits, . _ -) of a folder or synthetic dataset")
     if cfg.dataset.source == "synthetic" and not cfg.dataset.num_images:
         errors.append("dataset.num_images is required for dataset.source=synthetic")
     t = cfg.train

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 OTHER_IMAGE_EXTENSIONS = (".gif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".ico")  # reported, not read
-SYNTHETIC_VERSION = "v1"  # bump when make_synthetic_image changes, so stale caches aren't reused
+SYNTHETIC_VERSION = "v2"  # bump when make_synthetic_image changes, so stale caches aren't reused
+SYNTHETIC_STYLES = ("watercolor", "comic")  # the synthetic set's style folders (dataset.style)
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,24 @@ def load_records(ds_cfg: DictConfig, cache_dir: str | Path) -> list[Record]:
     if ds_cfg.source == "synthetic":
         if limit is None:
             raise ValueError("dataset.num_images is required for dataset.source=synthetic")
-        return _folder_records(synthetic_folder(limit, ds_cfg.resolution, cache_dir), ds_cfg)
+        return _folder_records(style_dir(synthetic_folder(limit, ds_cfg.resolution, cache_dir), ds_cfg.style), ds_cfg)
     if ds_cfg.source == "folder":
-        return _folder_records(_existing_dir(ds_cfg.path), ds_cfg)
+        return _folder_records(style_dir(_existing_dir(ds_cfg.path), ds_cfg.style), ds_cfg)
     if ds_cfg.source == "hub":
         return _hub_records(ds_cfg)
     raise ValueError(f"dataset.source={ds_cfg.source!r} is not one of 'hub', 'folder', 'synthetic'")
+
+
+def style_dir(root: Path, style: str | None) -> Path:
+    """``root`` itself, or with ``dataset.style`` its subfolder of that name (a multi-style
+    dataset is one folder per style: ghibli/, shinkai/, comic/)."""
+    if style is None:
+        return root
+    folder = root / style
+    if not folder.is_dir():
+        styles = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise FileNotFoundError(f"dataset.style={style!r}: no folder {folder}; the styles there: {', '.join(styles) or 'none'}")
+    return folder
 
 
 def _caption(raw: Any, ds_cfg: DictConfig) -> tuple[str, bool]:
@@ -749,8 +762,10 @@ def synthetic_folder(num_images: int, resolution: int, cache_dir: str | Path) ->
     try:
         for i in range(num_images):
             image, caption = make_synthetic_image(i, resolution)
-            image.save(tmp / f"{i:05d}.png")
-            (tmp / f"{i:05d}.txt").write_text(caption + "\n", encoding="utf-8")
+            folder = tmp / SYNTHETIC_STYLES[i % 2]  # one folder per style, as a multi-style dataset
+            folder.mkdir(exist_ok=True)
+            image.save(folder / f"{i:05d}.png")
+            (folder / f"{i:05d}.txt").write_text(caption + "\n", encoding="utf-8")
         os.rename(tmp, final)
     except OSError:
         if not final.is_dir():

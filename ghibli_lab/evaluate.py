@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ghibli_lab.adapters import without_adapter
+from ghibli_lab.card import write_model_card
 from ghibli_lab.config import CONF_DIR, register_configs
 from ghibli_lab.data import SPLIT_FILE, ImageCaptionDataset, load_image, load_split, prepare_image
 from ghibli_lab.encode import encode_validation_set, eval_mode
@@ -49,6 +50,7 @@ from ghibli_lab.metrics import (
     protocols_differ,
     sample_sizes,
     score,
+    style_separation,
     summary_values,
 )
 from ghibli_lab.methods import applied, prompt_text, run_method, weights_dir
@@ -85,6 +87,8 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         log.warning("not evaluated: %s has no trained weights (its training did not finish)", run.name)
     runs = [run for run in runs if run not in unfinished]
     pipes, features, extracted, results = {}, {}, {}, []
+    styles: dict[str, tuple[str, object]] = {}  # run -> (its dataset.style, its images' features)
+    style_reals: dict[str, object] = {}  # style -> its held-out images' features
     for run in tqdm(runs, desc="evaluate", disable=len(runs) == 1):
         train_cfg = load_run_config(run)
         # Random-weight models (tiny, or full size built in code) make noise: tiny features suffice.
@@ -144,13 +148,17 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
             extracted[(kind, base_dir)] = (extract_features(real, fm), extract_features(base, fm, texts=clip_texts))
         real_features, base_features = extracted[(kind, base_dir)]
         subset = min(e.kid_subset_size, len(real), len(lora))
+        lora_features = extract_features(lora, fm, texts=clip_texts)
+        if train_cfg.dataset.style is not None:
+            styles[run.name] = (train_cfg.dataset.style, lora_features)
+            style_reals.setdefault(train_cfg.dataset.style, real_features)
         samples = {
             side: Sample(
                 real_features, features, prompt_of=prompt_of,
                 val_loss=val[0], val_losses=val[1], kid_subset_size=subset, seed=e.seed,
             )
             for side, features, val in (
-                ("lora", extract_features(lora, fm, texts=clip_texts), lora_val),
+                ("lora", lora_features, lora_val),
                 ("base", base_features, base_val),
             )
         }
@@ -191,6 +199,8 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         result = {"lora": metrics["lora"], "base": metrics["base"], "paired": paired, "protocol": protocol}
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        if not name:  # the model card shows the default evaluation's held-out metrics
+            write_model_card(run)
         d = paired.get(HEADLINE, {})
         log.info(
             "%s: KID %.4g (base %.4g; LoRA - base %.3g [%.3g, %.3g]), N=%d",
@@ -202,7 +212,35 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
 
     if len(runs) > 1 or runs[0] != root:
         write_tables(root, results, name, unfinished)
+        if len(style_reals) >= 2:  # a multi-style sweep: which style did each adapter learn?
+            write_style_matrix(root, style_separation(styles, style_reals, e.bootstrap_draws, e.seed), name)
     return results
+
+
+def write_style_matrix(sweep_dir: Path, matrix: dict, name: str | None) -> None:
+    """``style_matrix[_<name>].json`` / ``.md``: every adapter's images against every style's
+    held-out images (the report draws it)."""
+    stem = f"style_matrix_{name}" if name else "style_matrix"
+    (sweep_dir / f"{stem}.json").write_text(json.dumps(matrix, indent=2))
+    styles = matrix["styles"]
+    lines = [
+        "Style separation: KID of each run's generated images against each style's held-out images "
+        "(lower = closer; 95% bootstrap interval). The run's own style is in bold.",
+        "",
+        "| run (trained on) | " + " | ".join(styles) + " | own style lowest |",
+        "|" + "---|" * (len(styles) + 2),
+    ]
+    for run, row in matrix["runs"].items():
+        cells = []
+        for style in styles:
+            c = row["kid"][style]
+            text = f"{c['kid']:.4g} [{c['low']:.3g}, {c['high']:.3g}]"
+            cells.append(f"**{text}**" if style == row["style"] else text)
+        verdict = "yes, clearly" if row["clearly"] else "yes" if row["lowest_is_own"] else "no"
+        lines.append(f"| {run} ({row['style']}) | " + " | ".join(cells) + f" | {verdict} |")
+    lines += ["", "clearly: the own-style interval lies below every other style's interval."]
+    (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", sweep_dir / f"{stem}.md")
 
 
 def strip_prefix(caption: str, prefix: str) -> str:

@@ -507,6 +507,11 @@ def render_html(
             parts.append(figure(plots[plot_name(metric)], root / "report", metrics[metric][0]))
     parts.append("</div>")
 
+    matrix_path = root / (f"style_matrix_{eval_name}.json" if eval_name else "style_matrix.json")
+    if matrix_path.is_file():
+        parts.append("<h2>Style separation</h2>")
+        parts.append(style_matrix_html(json.loads(matrix_path.read_text())))
+
     parts.append("<h2>Validation loss</h2>")
     if "val_loss_curves" in plots:
         parts.append(figure(plots["val_loss_curves"], root / "report", "val/loss of every run against the step"))
@@ -666,6 +671,29 @@ def protocol_html(evaluated: list[Run]) -> str:
     if not same:
         items.append("<li><b>Warning:</b> the runs were evaluated under different protocols; compare only like with like.</li>")
     return '<div class="protocol"><b>Protocol</b><ul>' + "".join(items) + "</ul></div>"
+
+
+def style_matrix_html(matrix: dict) -> str:
+    """Each adapter's generated images against every style's held-out images (evaluate's
+    style_matrix.json): a row per run, its own style's cell outlined; lower KID is closer."""
+    e = html.escape
+    styles = matrix["styles"]
+    out = ["<table><tr><th>run (trained on)</th>" + "".join(f"<th>{e(s)}</th>" for s in styles) + "<th>own style lowest</th></tr>"]
+    for run, row in matrix["runs"].items():
+        cells = []
+        for style in styles:
+            c = row["kid"][style]
+            css = ' class="best"' if style == row["style"] else ""
+            cells.append(f"<td{css}>{e(fmt(c['kid']))} [{e(fmt(c['low']))}, {e(fmt(c['high']))}]</td>")
+        verdict = "yes, clearly" if row["clearly"] else "yes" if row["lowest_is_own"] else "no"
+        out.append(f'<tr><td class="name">{e(run)} ({e(row["style"])})</td>' + "".join(cells) + f"<td>{verdict}</td></tr>")
+    out.append("</table>")
+    out.append(
+        f'<p class="caption">{e(matrix["metric"])}. An adapter that learned its style is closest to its own '
+        "style's held-out images (its outlined cell is the row's lowest); \"clearly\": that interval lies "
+        "below every other style's.</p>"
+    )
+    return "\n".join(out)
 
 
 def training_table(runs: list[Run], keys: list[str]) -> str:

@@ -29,7 +29,7 @@ from ghibli_lab.data import (
     split_records,
 )
 
-from .conftest import group_option
+from .conftest import compose_train, group_option
 
 
 def make_cfg(**overrides):
@@ -104,15 +104,16 @@ def test_synthetic_set_is_deterministic_and_written_as_png_and_txt(tmp_path):
     first = load_records(cfg, tmp_path / "a")
     second = load_records(cfg, tmp_path / "b")
     assert [(r.key, r.caption) for r in first] == [(r.key, r.caption) for r in second]
-    folder = tmp_path / "a" / "synthetic" / "v1_6_64"
-    assert len(list(folder.glob("*.png"))) == 6 and len(list(folder.glob("*.txt"))) == 6
-    assert [p.name for p in (tmp_path / "a" / "synthetic").iterdir()] == ["v1_6_64"]  # no temp dirs left
+    folder = tmp_path / "a" / "synthetic" / "v2_6_64"
+    assert len(list(folder.rglob("*.png"))) == 6 and len(list(folder.rglob("*.txt"))) == 6
+    assert sorted(p.name for p in folder.iterdir()) == ["comic", "watercolor"]  # one folder per style
+    assert [p.name for p in (tmp_path / "a" / "synthetic").iterdir()] == ["v2_6_64"]  # no temp dirs left
     assert all(r.caption.startswith("syn, ") for r in first)
     assert Image.open(first[0].path).size == (80, 64)  # landscape, so cropping matters
     # A second call reuses the generated folder instead of writing it again.
-    mtime = (folder / "00000.png").stat().st_mtime_ns
+    mtime = (folder / "watercolor" / "00000.png").stat().st_mtime_ns
     assert load_records(cfg, tmp_path / "a") == first
-    assert (folder / "00000.png").stat().st_mtime_ns == mtime
+    assert (folder / "watercolor" / "00000.png").stat().st_mtime_ns == mtime
 
 
 def test_synthetic_generation_tolerates_a_parallel_run(tmp_path, monkeypatch):
@@ -383,3 +384,14 @@ def test_dataset_and_collate_shapes(tmp_path):
     assert batch["crop_top_left"].shape == (4, 2) and batch["crop_top_left"].dtype == torch.long
     assert batch["caption"] == [r.caption for r in records[:4]]
     assert batch["key"] == [r.key for r in records[:4]]
+
+
+def test_dataset_style_selects_one_style_folder(tmp_path):
+    cfg = compose_train(["dataset=synthetic", "dataset.num_images=8"]).dataset
+    both = load_records(cfg, tmp_path)
+    comic = load_records(OmegaConf.merge(cfg, {"style": "comic"}), tmp_path)
+    watercolor = load_records(OmegaConf.merge(cfg, {"style": "watercolor"}), tmp_path)
+    assert len(comic) == len(watercolor) == 4 and {r.key for r in comic + watercolor} == {r.key for r in both}
+    assert all("comic panel" in r.caption for r in comic) and all("watercolor" in r.caption for r in watercolor)
+    with pytest.raises(FileNotFoundError, match="dataset.style='oil': no folder .*; the styles there: comic, watercolor"):
+        load_records(OmegaConf.merge(cfg, {"style": "oil"}), tmp_path)

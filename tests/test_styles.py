@@ -1,0 +1,61 @@
+"""Multi-style datasets: one adapter per style folder from one sweep, and the style-separation
+matrix that shows which style each adapter moved towards."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from omegaconf import OmegaConf
+
+from ghibli_lab.evaluate import evaluate
+from ghibli_lab.metrics import Features, style_separation, unpaired_kid
+from ghibli_lab.report import report
+from ghibli_lab.train import train
+
+from .conftest import compose_train
+from .test_evaluate import EVAL_ARGS, compose_eval
+
+
+def features(mean: float, n: int, seed: int) -> Features:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, 16, generator=g, dtype=torch.float64) + mean
+    return Features(image=image, clip=torch.zeros(n, 4, dtype=torch.float64))
+
+
+def test_the_matrix_marks_the_style_each_adapter_is_closest_to():
+    """Two styles far apart in feature space; adapter a generates like style A, b like B."""
+    reals = {"A": features(0.0, 30, 1), "B": features(3.0, 30, 2)}
+    rows = {"run_a": ("A", features(0.0, 30, 3)), "run_b": ("B", features(0.0, 30, 4))}
+    m = style_separation(rows, reals, draws=200, seed=0)
+    assert m["styles"] == ["A", "B"]
+    a, b = m["runs"]["run_a"], m["runs"]["run_b"]
+    assert a["lowest_is_own"] and a["clearly"] and a["kid"]["A"]["low"] <= a["kid"]["A"]["kid"] <= a["kid"]["A"]["high"]
+    assert not b["lowest_is_own"] and not b["clearly"]  # b generates style A: its row says so
+    # Same distributions: KID near zero, and its interval covers zero.
+    same = unpaired_kid(features(0.0, 40, 5), features(0.0, 40, 6), draws=300)
+    assert same["low"] < 0 < same["high"]
+
+
+def test_a_style_sweep_gets_a_matrix_in_evaluation_and_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, style in enumerate(["watercolor", "comic"]):
+        cfg = compose_train(["experiment=demo", "logger=none", "model=tiny_sd15", f"dataset.style={style}", "dataset.num_images=40",
+                             "train.max_steps=2", "train.val_every=0", "train.checkpoint_every=0", "scheduler.steps=2",
+                             "sample.seeds=[0]", "sample.prompts=[a hill]", f"cache_dir={tmp_path / 'cache'}"])
+        run = sweep / f"{i}_dataset.style-{style}"
+        (run / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+        train(cfg, run)
+        held = json.loads((run / "split.json").read_text())["holdout"]
+        assert held and all(style in name for _, name in held)  # each run holds out its own style's images
+    evaluate(compose_eval(f"run_dir={sweep}", *EVAL_ARGS, "eval.bootstrap_draws=200"))
+    matrix = json.loads((sweep / "style_matrix.json").read_text())
+    assert matrix["styles"] == ["comic", "watercolor"]
+    assert {r["style"] for r in matrix["runs"].values()} == {"comic", "watercolor"}
+    for row in matrix["runs"].values():
+        for cell in row["kid"].values():
+            assert cell["low"] <= cell["high"]
+    assert "| 0_dataset.style-watercolor (watercolor) |" in (sweep / "style_matrix.md").read_text()
+    report(compose_train([f"sweep_dir={sweep}", "wandb=false"], config_name="report"))
+    assert "Style separation" in (sweep / "report" / "index.html").read_text()
