@@ -35,6 +35,8 @@ from ghibli_lab.runs import CHECKPOINTS, MARKER, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
+BEST_FILE = "best.safetensors"  # early stopping's best weights so far
+
 
 def save_checkpoint(
     run_dir: Path,
@@ -46,9 +48,11 @@ def save_checkpoint(
     loop_state: dict[str, Any],
     keep: int,
     export: Callable[[Path], Any] | None = None,
+    best: dict[str, torch.Tensor] | None = None,
 ) -> Path | None:
     """Write ``checkpoints/step_<step>`` atomically, then prune to the newest ``keep``.
-    ``export(dir)``, when given, also writes the weights as a loadable file into the checkpoint.
+    ``export(dir)``, when given, also writes the weights as a loadable file into the checkpoint;
+    ``best``, early stopping's best weights so far, go in as ``best.safetensors``.
     Returns its path, or None when it could not be written (too little free disk space, or a
     write that failed part-way): then nothing older is removed and no partial dir is left."""
     root = Path(run_dir) / CHECKPOINTS
@@ -67,7 +71,7 @@ def save_checkpoint(
 
     tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
     try:
-        _write(tmp, step, params, optimizer, lr_scheduler, scaler, loop_state, export)
+        _write(tmp, step, params, optimizer, lr_scheduler, scaler, loop_state, export, best)
     except (OSError, SafetensorError, RuntimeError) as err:  # a disk that fills up mid-save, say
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)[0]
@@ -83,13 +87,15 @@ def save_checkpoint(
     return final
 
 
-def _write(tmp: Path, step: int, params, optimizer, lr_scheduler, scaler, loop_state: dict[str, Any], export) -> None:
+def _write(tmp: Path, step: int, params, optimizer, lr_scheduler, scaler, loop_state: dict[str, Any], export, best) -> None:
     """Every file of a checkpoint into ``tmp``, flushed to disk, the marker last."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if export is not None:
         export(tmp)  # loadable on its own, as at the end of training
     save_file({k: p.detach().float().cpu().contiguous() for k, p in params.items()}, tmp / "trainable.safetensors")
+    if best:
+        save_file({k: v.contiguous() for k, v in best.items()}, tmp / BEST_FILE)
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -129,6 +135,12 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer
     loop_state = json.loads((path / "loop_state.json").read_text())
     loop_state["torch_rng"] = load_file(path / "rng.safetensors")
     return loop_state
+
+
+def load_best(path: Path) -> dict[str, torch.Tensor]:
+    """Early stopping's best weights as the checkpoint at ``path`` kept them ({} if none)."""
+    best = Path(path) / BEST_FILE
+    return load_file(best) if best.is_file() else {}
 
 
 def restore_rng(loop_state: dict) -> None:

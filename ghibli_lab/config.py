@@ -111,6 +111,8 @@ class TrainConfig:
     channels_last: bool = MISSING  # UNet convolutions in channels_last memory format
     snr_gamma: Optional[float] = MISSING  # min-SNR-gamma loss weighting; 5.0 is the paper's value
     noise_offset: float = MISSING
+    loss_guidance: float = MISSING  # experimental CFG-guided loss: uncond + g·(cond − uncond) vs the noise; 1 = standard
+    early_stop_patience: Optional[int] = MISSING  # stop after this many validations without a better val/loss; null = off
     val_every: int = MISSING  # 0 = off
     val_timesteps: list[int] = MISSING
     sample_every: int = MISSING  # 0 = off; samples are always written at the end
@@ -354,6 +356,13 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("val_every", "sample_every", "checkpoint_every", "warmup_steps", "noise_offset"):
         if t[key] < 0:
             errors.append(f"train.{key} must be >= 0, got {t[key]}")
+    if t.loss_guidance <= 0:
+        errors.append(f"train.loss_guidance must be > 0 (1 = the standard loss), got {t.loss_guidance}")
+    if t.early_stop_patience is not None and (t.early_stop_patience < 1 or t.val_every < 1):
+        errors.append(
+            f"train.early_stop_patience={t.early_stop_patience} needs a value >= 1 and validation "
+            f"(train.val_every >= 1, got {t.val_every}), or null"
+        )
     if t.keep_checkpoints < 1:
         errors.append(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
     if t.log_every < 1:

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from ghibli_lab import methods
 from ghibli_lab.adapters import adapted_models
-from ghibli_lab.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from ghibli_lab.checkpoint import load_best, load_checkpoint, restore_rng, save_checkpoint
 from ghibli_lab.data import Split
 from ghibli_lab.encode import encode_validation_set, encoders_on, eval_mode
-from ghibli_lab.loss import batch_mean, training_loss, validation_loss
+from ghibli_lab.loss import batch_mean, empty_prompt_embeddings, training_loss, validation_loss
 from ghibli_lab.pipeline import training_scheduler
 from ghibli_lab.runs import ResumeMismatch, config_changes, find_resume_checkpoint, latest_checkpoint, training_config
 from ghibli_lab.sampling import save_samples
@@ -60,6 +60,10 @@ class LoopState:
     train_loss: float | None = None
     val_loss: float | None = None
     first_val: float | None = None
+    best_val: float | None = None  # early stopping (train.early_stop_patience): the best val/loss so far,
+    best_step: int = 0  # the step it was reached at,
+    bad_validations: int = 0  # validations since then without a better one,
+    early_stopped: bool = False  # and whether the run stopped for that
     wandb: dict | None = None  # the W&B run to continue
     rng: dict = field(default_factory=dict)  # a checkpoint's RNG states, restored once the loader is positioned
 
@@ -195,17 +199,24 @@ def fit(
     optimizer, loader = accelerator.prepare(optimizer, loader)
     named = trainable_by_name(pipe)
 
+    uncond = empty_prompt_embeddings(pipe) if t.loss_guidance != 1.0 else None
+    patience = t.early_stop_patience if val_batches else None
+    best: dict[str, torch.Tensor] = {}  # early stopping: the best weights so far, on the CPU
+
     def validate() -> float | None:
         return validation_loss(pipe, val_batches, noise_scheduler, list(t.val_timesteps), cfg.seed)
 
     if resume_from:
         state = LoopState.from_dict(load_checkpoint(resume_from, named, optimizer, lr_scheduler, accelerator.scaler))
+        best = load_best(resume_from)
         log.info("resuming from %s (step %d, epoch %d)", resume_from, state.step, state.epoch)
     else:
         state = LoopState()
         state.first_val = state.val_loss = validate()
         if state.val_loss is not None:
             tracker.log({"val/loss": state.val_loss}, step=0)
+            if patience:
+                track_best(state, named, best)
     state.window_loss = torch.tensor(state.window_loss, device=device)
     state.steps_per_epoch = per_epoch
     shard = (accelerator.process_index, accelerator.num_processes)
@@ -215,7 +226,8 @@ def fit(
             break
         with accelerator.accumulate(*adapted_models(pipe).values()):
             with accelerator.autocast():
-                loss = batch_mean(training_loss(pipe, batch, noise_scheduler, dtype, t.noise_offset, t.snr_gamma, shard), batch)
+                per_sample = training_loss(pipe, batch, noise_scheduler, dtype, t.noise_offset, t.snr_gamma, shard, t.loss_guidance, uncond)
+                loss = batch_mean(per_sample, batch)
             # The one host sync per step: a NaN must be caught before the optimizer applies it.
             if not torch.isfinite(loss):
                 skip_nonfinite(loss, batch, state, t.nonfinite, len(loader))
@@ -239,6 +251,9 @@ def fit(
         if every(step, t.val_every, max_steps) and val_batches:
             state.val_loss = validate()
             tracker.log({"val/loss": state.val_loss}, step)
+            if patience:
+                track_best(state, named, best)
+                state.early_stopped = state.bad_validations >= patience and step < max_steps
         if every(step, t.sample_every) and accelerator.is_main_process:
             path = write_samples(pipe, cfg, run_dir / "samples" / f"step_{step:06d}.png", dtype)
             tracker.log_image("samples/grid", path, step, caption=f"top: base, bottom: {cfg.method.name}")
@@ -250,13 +265,34 @@ def fit(
             # A LoRA-sized method also gets a loadable copy in the checkpoint; a full fine-tune's
             # weights are already there once (trainable.safetensors).
             export = None if cfg.method.weights == "full" else lambda out: methods.save(pipe, cfg, out, torch.float32)
-            saved = save_checkpoint(run_dir, step, named, optimizer, lr_scheduler, accelerator.scaler, loop_state, t.keep_checkpoints, export)
+            saved = save_checkpoint(run_dir, step, named, optimizer, lr_scheduler, accelerator.scaler, loop_state, t.keep_checkpoints, export, best)
         if stopping:
             preempted(stop, state, tracker, saved, run_dir)
+        if state.early_stopped:
+            log.info(
+                "early stop at step %d: val/loss has not improved for %d validations (best %.5g at step %d)",
+                step, state.bad_validations, state.best_val, state.best_step,
+            )
+            break
         if state.step >= max_steps:
             break
     progress.close()
+    if best and state.best_step != state.step:  # the run keeps (and exports) its best weights
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(best[name].to(param.device, param.dtype))
+        log.info("kept the best weights: step %d, val/loss %.5g (the last validation: %.5g)", state.best_step, state.best_val, state.val_loss)
     return state
+
+
+def track_best(state: LoopState, named: dict[str, torch.nn.Parameter], best: dict[str, torch.Tensor]) -> None:
+    """Early stopping's bookkeeping after a validation: a better val/loss becomes the best (its
+    weights copied to the CPU), anything else counts against the patience."""
+    if state.best_val is None or state.val_loss < state.best_val:
+        state.best_val, state.best_step, state.bad_validations = state.val_loss, state.step, 0
+        best.update({name: p.detach().to("cpu", copy=True) for name, p in named.items()})
+    else:
+        state.bad_validations += 1
 
 
 def skip_nonfinite(loss: torch.Tensor, batch: dict, state: LoopState, policy: str, n_batches: int) -> None:
@@ -337,6 +373,7 @@ def summarize(
     tracker.log_image("samples/grid", path, state.step, caption=f"top: base, bottom: {cfg.method.name}")
     lora = cfg.method.weights in ("lora", "dora")
     memory = peak_memory_mb(accelerator.device)
+    stopping = cfg.train.early_stop_patience is not None and state.best_val is not None
     wall = time.time() - start
     summary = {
         "steps": state.step,
@@ -344,6 +381,10 @@ def summarize(
         "train/loss": state.train_loss,
         "val/loss": state.val_loss,
         "val/loss_initial": state.first_val,
+        # Early stopping: the exported weights are those of weights_step, the best validation.
+        "val/loss_best": state.best_val if stopping else None,
+        "weights_step": state.best_step if stopping else state.step,
+        "early_stopped": state.early_stopped,
         "method": cfg.method.name,
         "lora/rank": cfg.lora.rank if lora else None,
         "lora/alpha": cfg.lora.alpha if lora else None,

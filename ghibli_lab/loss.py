@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.training_utils import compute_snr
 
-from ghibli_lab.encode import batch_text, eval_mode, latent_distribution
+from ghibli_lab.encode import batch_text, encode_text, eval_mode, latent_distribution
 from ghibli_lab.runs import process_shard
 
 
@@ -105,10 +105,16 @@ def training_loss(
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
     shard: tuple[int, int] = (0, 1),
+    guidance: float = 1.0,
+    uncond: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Per-sample loss of one batch at random timesteps: noise or v-prediction MSE, optionally
     min-SNR-γ weighted, with optional offset noise. ``shard`` = (process index, process count):
-    random draws are made for the global batch and sliced (see shard_randn)."""
+    random draws are made for the global batch and sliced (see shard_randn).
+
+    ``guidance`` != 1: the SD 1.5 study's CFG-guided loss (experimental). The prediction trained
+    is the guided one, uncond + g·(cond − uncond), as sampling with guidance g would form it, with
+    ``uncond`` the empty prompt's embeddings (and pooled embeddings on SDXL); two UNet passes."""
     dist = latent_distribution(pipe, batch)
     device = pipe.unet.device
     latents = dist.mean.to(device)
@@ -122,7 +128,23 @@ def training_loss(
     timesteps = timesteps[rank * b : (rank + 1) * b]
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     pred = unet_prediction(pipe, noisy, timesteps, batch, dtype)
+    if guidance != 1.0:
+        embeds, pooled = uncond
+        empty = {**batch, "prompt_embeds": embeds.expand(b, -1, -1)}
+        if pooled is not None:
+            empty["pooled_prompt_embeds"] = pooled.expand(b, -1)
+        pred_uncond = unet_prediction(pipe, noisy, timesteps, empty, dtype)
+        pred = pred_uncond + guidance * (pred - pred_uncond)
     return diffusion_loss(pred, latents, noise, timesteps, noise_scheduler, snr_gamma)
+
+
+@torch.no_grad()
+def empty_prompt_embeddings(pipe: DiffusionPipeline) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The empty prompt's text conditioning (what classifier-free guidance calls unconditional),
+    encoded once wherever the text encoders are (the cache may have moved them off the device)."""
+    embeds, pooled = encode_text(pipe, [""])
+    device = pipe.unet.device
+    return embeds.to(device), (pooled.to(device) if pooled is not None else None)
 
 
 def batch_mean(per_sample: torch.Tensor, batch: dict) -> torch.Tensor:

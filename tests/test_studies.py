@@ -1,0 +1,79 @@
+"""Mechanics the seed studies need: early stopping on held-out val/loss (the best weights kept and
+marked), the CFG-guided training loss, and sampling-only sweeps that train once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ghibli_lab.loss import training_loss, empty_prompt_embeddings
+from ghibli_lab.pipeline import build_tiny_pipeline, training_scheduler
+from ghibli_lab.train import train
+
+from .conftest import compose_train
+
+FAST = ["experiment=demo", "logger=none", "model=tiny_sd15", "train.batch_size=2", "train.val_every=1", "train.checkpoint_every=0",
+        "train.log_every=1", "dataset.num_images=20", "scheduler.steps=2", "sample.seeds=[0]", "sample.prompts=[a hill]", "lora.save_dtype=fp32"]
+
+
+def test_early_stopping_stops_on_held_out_loss_and_keeps_the_best_weights(tmp_path):
+    """lr 0.2 overshoots: val/loss is best after step 1, then worse twice: with patience 2 the run
+    stops at step 3 and exports exactly the weights a 1-step run exports."""
+    args = [*FAST, f"cache_dir={tmp_path / 'cache'}", "train.lr=0.2"]
+    stopped = train(compose_train([*args, "train.max_steps=10", "train.early_stop_patience=2"]), tmp_path / "stopped")
+    vals = [row["val/loss"] for row in map(json.loads, open(tmp_path / "stopped" / "metrics.jsonl")) if "val/loss" in row]
+    assert stopped["early_stopped"] and stopped["steps"] == 3 and stopped["weights_step"] == 1
+    assert vals[1] == min(vals) == stopped["val/loss_best"] and vals[2] > vals[1] and vals[3] > vals[1]
+    one_step = train(compose_train([*args, "train.max_steps=1"]), tmp_path / "one")
+    assert not one_step["early_stopped"] and one_step["weights_step"] == 1
+    name = "lora/pytorch_lora_weights.safetensors"
+    assert (tmp_path / "stopped" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_early_stopping_resumes_with_its_best_weights(tmp_path):
+    args = [*FAST, f"cache_dir={tmp_path / 'cache'}", "train.lr=0.2", "train.early_stop_patience=2", "train.checkpoint_every=2"]
+    straight = train(compose_train([*args, "train.max_steps=10"]), tmp_path / "straight")
+    train(compose_train([*args, "train.max_steps=2"]), tmp_path / "resumed")
+    resumed = train(compose_train([*args, "train.max_steps=10", "train.resume=auto"]), tmp_path / "resumed")
+    assert (straight["steps"], straight["weights_step"]) == (resumed["steps"], resumed["weights_step"]) == (3, 1)
+    name = "lora/pytorch_lora_weights.safetensors"
+    assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_early_stopping_needs_validation(tiny_cfg):
+    from ghibli_lab.config import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match=r"train.early_stop_patience=3 needs .* \(train.val_every >= 1, got 0\)"):
+        check_config(tiny_cfg("train.early_stop_patience=3", "train.val_every=0"))
+
+
+def test_the_guided_loss_trains_uncond_plus_g_times_cond_minus_uncond():
+    """The loss is the MSE of u + g(c − u) against the noise: g = 1 is the standard loss, and as
+    a function of g it is a quadratic (its third finite difference is zero) whose g = 0 value is
+    the empty prompt's own loss."""
+    pipe = build_tiny_pipeline("sd15")
+    scheduler = training_scheduler(pipe)
+    batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1, "caption": ["a watercolor hill", "a comic city"],
+             "original_size": torch.tensor([[64, 64]] * 2), "crop_top_left": torch.tensor([[0, 0]] * 2)}
+    uncond = empty_prompt_embeddings(pipe)
+
+    def loss(g: float, b: dict = batch) -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return training_loss(pipe, b, scheduler, torch.float32, guidance=g, uncond=uncond).double().mean().item()
+
+    standard = loss(1.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert standard == training_loss(pipe, batch, scheduler, torch.float32).double().mean().item()
+    l0, l1, l2, l3 = (loss(g) for g in (0.0, 1.0, 2.0, 3.0))
+    assert l3 - 3 * l2 + 3 * l1 - l0 == pytest.approx(0.0, abs=1e-5 * max(l0, l1, l2, l3))
+    assert l2 != pytest.approx(l1)  # the guidance changes what is trained
+    assert l0 == pytest.approx(loss(1.0, {**batch, "caption": ["", ""]}), rel=1e-5)  # g = 0: the empty prompt alone
+
+
+def test_a_guided_loss_run_trains(tmp_path):
+    s = train(compose_train([*FAST, f"cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.loss_guidance=7.5"]), tmp_path / "run")
+    assert s["steps"] == 2 and s["train/loss"] is not None
