@@ -159,8 +159,8 @@ class TrainRunConfig:
 @dataclass
 class EvalConfig:
     features: str = MISSING  # inception | clip | tiny | auto (tiny for tiny models, else inception)
-    scheduler: str = MISSING  # ddpm | ddim
-    steps: int = MISSING
+    scheduler: Optional[str] = MISSING  # ddpm | ddim; null: each run's own (scheduler.name)
+    steps: Optional[int] = MISSING  # null: each run's own (scheduler.steps)
     images_per_prompt: int = MISSING  # per held-out caption, each at its own seed (1: N_fake = N_real)
     seed: int = MISSING
     resolution: Optional[int] = MISSING  # null: the run's training resolution
@@ -171,10 +171,15 @@ class EvalConfig:
 
 
 @dataclass
+class EvalGuidanceConfig:
+    scale: Optional[float] = MISSING  # null: each run's own guidance.scale
+
+
+@dataclass
 class EvaluateRunConfig:
     run_dir: str = MISSING  # a run dir or a sweep dir
     cache_dir: Optional[str] = MISSING  # null: the run's own training cache_dir
-    guidance: GuidanceConfig = MISSING
+    guidance: EvalGuidanceConfig = field(default_factory=EvalGuidanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

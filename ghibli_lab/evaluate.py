@@ -73,10 +73,10 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
     root = Path(cfg.run_dir).resolve()
     runs = find_runs(root)
     e = cfg.eval
-    if e.images_per_prompt < 1 or e.steps < 1 or e.bootstrap_draws < 100:
+    if e.images_per_prompt < 1 or (e.steps is not None and e.steps < 1) or e.bootstrap_draws < 100:
         raise ValueError("eval.images_per_prompt and eval.steps must be >= 1, eval.bootstrap_draws >= 100")
-    if e.features not in ("auto", "inception", "clip", "tiny") or e.scheduler not in ("ddpm", "ddim"):
-        raise ValueError(f"eval.features must be auto|inception|clip|tiny and eval.scheduler ddpm|ddim, got {e.features!r}, {e.scheduler!r}")
+    if e.features not in ("auto", "inception", "clip", "tiny") or e.scheduler not in (None, "ddpm", "ddim"):
+        raise ValueError(f"eval.features must be auto|inception|clip|tiny and eval.scheduler ddpm|ddim|null, got {e.features!r}, {e.scheduler!r}")
     unfinished = [run for run in runs if not weights_dir(run, load_run_config(run)).is_dir()]
     if len(unfinished) == len(runs):
         raise FileNotFoundError(
@@ -103,7 +103,7 @@ def evaluate(cfg: DictConfig, name: str | None = None) -> list[dict]:
         if len(holdout) < 2:
             raise ValueError(f"{run}: the run held out {len(holdout)} image(s); evaluation needs at least 2 (dataset.holdout_fraction)")
         resolution = e.resolution or train_cfg.dataset.resolution
-        settings = dict(scheduler=e.scheduler, steps=e.steps, guidance_scale=float(cfg.guidance.scale), resolution=resolution)
+        settings = sampling_settings(cfg, train_cfg, resolution)
         prompts = [r.caption for r in holdout]  # as trained: with the dataset's trigger prefix
         method = run_method(train_cfg)
         trained_prompts = [prompt_text(method, p) for p in prompts]  # and the method's trigger
@@ -241,6 +241,17 @@ def write_style_matrix(sweep_dir: Path, matrix: dict, name: str | None) -> None:
     lines += ["", "clearly: the own-style interval lies below every other style's interval."]
     (sweep_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s", sweep_dir / f"{stem}.md")
+
+
+def sampling_settings(cfg: DictConfig, train_cfg: DictConfig, resolution: int) -> dict:
+    """How a run's evaluation images are sampled: as set on the evaluate command line, else as
+    the run itself was configured to sample (its scheduler, steps and guidance)."""
+    return dict(
+        scheduler=cfg.eval.scheduler or train_cfg.scheduler.name,
+        steps=cfg.eval.steps or train_cfg.scheduler.steps,
+        guidance_scale=float(cfg.guidance.scale if cfg.guidance.scale is not None else train_cfg.guidance.scale),
+        resolution=resolution,
+    )
 
 
 def strip_prefix(caption: str, prefix: str) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import json
 import logging
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from ghibli_lab.checkpoint import load_best, load_checkpoint, restore_rng, save_
 from ghibli_lab.data import Split
 from ghibli_lab.encode import encode_validation_set, encoders_on, eval_mode
 from ghibli_lab.loss import batch_mean, empty_prompt_embeddings, training_loss, validation_loss
-from ghibli_lab.pipeline import training_scheduler
+from ghibli_lab.pipeline import load_pipeline, training_scheduler
 from ghibli_lab.runs import ResumeMismatch, config_changes, find_resume_checkpoint, latest_checkpoint, training_config
 from ghibli_lab.sampling import save_samples
 from ghibli_lab.step import make_loader, make_optimizer, optimizer_step, peak_memory_mb, total_steps
@@ -350,6 +351,30 @@ def write_samples(pipe: DiffusionPipeline, cfg: DictConfig, path: Path, dtype: t
             guidance_scale=cfg.guidance.scale,
             resolution=cfg.dataset.resolution,
         )
+
+
+def sample_only(cfg: DictConfig, run_dir: Path, twin: Path, accelerator: Accelerator, tracker: Tracker, dtype: torch.dtype, start: float) -> dict:
+    """A sweep job whose training config equals the finished job ``twin``'s (they differ only in
+    sampling keys: scheduler, guidance, sample prompts): take its weights and training history,
+    and only sample with this job's settings. summary.json says ``trained_by``."""
+    log.info("%s: same training config as %s, which already trained it: reusing its weights, sampling only", run_dir.name, twin.name)
+    if not accelerator.is_main_process:
+        return {}
+    shutil.copytree(methods.weights_dir(twin, cfg), methods.weights_dir(run_dir, cfg), dirs_exist_ok=True)
+    history = [json.loads(line) for line in (twin / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for row in history:  # the training curve into this job's metrics.jsonl and W&B run too
+        tracker.log({k: v for k, v in row.items() if k != "step"}, row["step"])
+    pipe = load_pipeline(cfg.model).to(accelerator.device)
+    with methods.applied(pipe, methods.weights_dir(run_dir, cfg)):
+        path = write_samples(pipe, cfg, run_dir / "samples" / "final.png", dtype)
+    summary = json.loads((twin / "summary.json").read_text())
+    tracker.log_image("samples/grid", path, summary["steps"], caption=f"top: base, bottom: {cfg.method.name}")
+    wall = time.time() - start
+    summary.update({"trained_by": twin.name, "sampling_wall_time_s": round(wall, 2)})
+    tracker.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
+    summary["wandb"] = tracker.identity()
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def summarize(

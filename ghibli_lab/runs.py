@@ -6,6 +6,8 @@ Pure paths and YAML: no torch, so entry points can use it before the heavy libra
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -185,8 +187,9 @@ RESUME_SAFE_KEYS = (
 )
 
 
-def training_config(cfg: Any) -> dict[str, Any]:
-    """The keys of a resolved training config (a dict) that change what is trained, flattened."""
+def flat_config(cfg: Any, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A resolved config (a dict) flattened to ``a.b.c`` keys, without the keys ``leave_out``
+    names (a key, or a prefix ending in ".")."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -197,7 +200,44 @@ def training_config(cfg: Any) -> dict[str, Any]:
             flat[prefix[:-1]] = node
 
     walk(cfg, "")
-    return {k: v for k, v in flat.items() if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE_KEYS)}
+    return {k: v for k, v in flat.items() if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in leave_out)}
+
+
+def training_config(cfg: Any) -> dict[str, Any]:
+    """The keys of a resolved training config (a dict) that change what is trained, flattened."""
+    return flat_config(cfg, RESUME_SAFE_KEYS)
+
+
+# Keys that change how a trained model is sampled, logged or named, never its weights: sweep jobs
+# that differ only in these train once (weights_fingerprint).
+SAMPLING_ONLY_KEYS = (
+    "name", "output_root", "cache_dir", "logger.", "sample.", "scheduler.", "guidance.",
+    "train.log_every", "train.sample_every", "train.num_workers",
+)
+TRAINED_ONCE = ".trained"  # in a sweep dir: <fingerprint>.json per training config, naming the job that trained it
+
+
+def weights_fingerprint(cfg: DictConfig) -> str:
+    """What a run's weights depend on: every config key except SAMPLING_ONLY_KEYS, hashed."""
+    flat = flat_config(OmegaConf.to_container(cfg, resolve=True), SAMPLING_ONLY_KEYS)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def trained_twin(sweep_dir: Path, fingerprint: str) -> Path | None:
+    """The finished job of this sweep that trained these exact weights, if there is one."""
+    record = Path(sweep_dir) / TRAINED_ONCE / f"{fingerprint}.json"
+    if not record.is_file():
+        return None
+    run = Path(json.loads(record.read_text())["run"])
+    return run if (run / "summary.json").is_file() else None
+
+
+def record_trained(sweep_dir: Path, fingerprint: str, run_dir: Path) -> None:
+    folder = Path(sweep_dir) / TRAINED_ONCE
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{fingerprint}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"run": str(Path(run_dir).resolve())}))
+    os.replace(tmp, folder / f"{fingerprint}.json")
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

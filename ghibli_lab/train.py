@@ -41,12 +41,17 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
         accelerator, dtype = step.make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, cfg.seed)
         main_process = accelerator.is_main_process
         resume_from, resumed = loop.resume_point(cfg, run_dir, main_process)
+        # A sweep job that differs from a finished one only in sampling keys reuses its weights.
+        fingerprint = runs.weights_fingerprint(cfg)
+        twin = runs.trained_twin(run_dir.parent, fingerprint) if group and not resume_from else None
         resume_id = (resumed.wandb or {}).get("id") if resumed else None
         with (
             loop.released(accelerator),
             tracking.tracking(run_dir, cfg, group, name, main_process, resume_id) as tracker,
             loop.preemption() as stop,
         ):
+            if twin is not None:
+                return loop.sample_only(cfg, run_dir, twin, accelerator, tracker, dtype, start)
             pipe = pipeline.load_pipeline(cfg.model)
             data.report_captions(split, pipe.tokenizer, run_dir, write=main_process)
             class_images = methods.class_records(pipe, cfg, accelerator.device, dtype)  # DreamBooth's prior
@@ -59,7 +64,10 @@ def train(cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | 
                 "resumed_from": str(resume_from) if resume_from else None,
                 "cache": cache_stats,
             }
-            return loop.summarize(pipe, cfg, run_dir, split, state, extra, accelerator, tracker, dtype, start)
+            summary = loop.summarize(pipe, cfg, run_dir, split, state, extra, accelerator, tracker, dtype, start)
+            if group and main_process:
+                runs.record_trained(run_dir.parent, fingerprint, run_dir)
+            return summary
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")

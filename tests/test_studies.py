@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ghibli_lab.loss import training_loss, empty_prompt_embeddings
 from ghibli_lab.pipeline import build_tiny_pipeline, training_scheduler
@@ -77,3 +78,45 @@ def test_the_guided_loss_trains_uncond_plus_g_times_cond_minus_uncond():
 def test_a_guided_loss_run_trains(tmp_path):
     s = train(compose_train([*FAST, f"cache_dir={tmp_path / 'cache'}", "train.max_steps=2", "train.loss_guidance=7.5"]), tmp_path / "run")
     assert s["steps"] == 2 and s["train/loss"] is not None
+
+
+def test_a_sweep_over_sampling_keys_trains_once_and_evaluates_each_setting(tmp_path):
+    """scheduler=ddpm,ddim x guidance.scale=1,7.5: one job trains, the other three reuse its
+    weights (summary.json's trained_by) and only sample; evaluation then samples every run with
+    its own sampler and guidance."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "ghibli_lab.train", "-m", "experiment=demo", "model=tiny_sd15", "logger=none",
+         "scheduler=ddpm,ddim", "guidance.scale=1,7.5", "train.max_steps=3", "dataset.num_images=20", "train.val_every=0",
+         f"output_root={tmp_path}", f"cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sweep,) = (tmp_path / "sweeps").glob("*/*")
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    summaries = {r.name: json.loads((r / "summary.json").read_text()) for r in runs}
+    trained = [name for name, s in summaries.items() if "trained_by" not in s]
+    assert len(runs) == 4 and len(trained) == 1
+    assert all(s["trained_by"] == trained[0] for name, s in summaries.items() if name not in trained)
+    reused = [r for r in runs if r.name not in trained]
+    assert all("reusing its weights, sampling only" in (r / "train.log").read_text() for r in reused)
+    weights = {(r / "lora" / "lora_kohya.safetensors").read_bytes() for r in runs}
+    assert len(weights) == 1  # the same adapter everywhere
+    samples = {(r / "samples" / "final.png").read_bytes() for r in runs}
+    assert len(samples) == 4  # but each job's own sampling
+
+    from ghibli_lab.evaluate import evaluate
+
+    from .test_evaluate import compose_eval
+
+    evaluate(compose_eval(f"run_dir={sweep}", "eval.features=tiny", "eval.steps=2", "eval.bootstrap_draws=100"))
+    for r in runs:
+        cfg = OmegaConf.load(r / ".hydra" / "config.yaml")
+        protocol = json.loads((r / "eval" / "metrics.json").read_text())["protocol"]
+        assert (protocol["scheduler"], protocol["guidance_scale"]) == (cfg.scheduler.name, cfg.guidance.scale)
