@@ -101,6 +101,7 @@ def test_slurm_preset_composes():
     assert cfg.train.resume == "auto"
 
 
+@pytest.mark.slow  # ~2.5 min: the launcher's pre-timeout signal comes 30 s into a 1-minute limit
 def test_submitit_requeue_on_the_pre_timeout_signal_ends_identical_to_an_uninterrupted_run(tmp_path):
     """submitit's local launcher with a 1-minute limit sends its pre-timeout signal (USR2) 30 s in:
     the trainer finishes the step, checkpoints and hands the signal to submitit, which requeues the

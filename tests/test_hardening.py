@@ -237,7 +237,7 @@ def test_symlink_loops_end_and_links_outside_the_dataset_are_not_read(tmp_path, 
     assert [p.relative_to(data).as_posix() for p in found] == ["00.png", "01.png", "02.png", "03.png", "sub/inner.png"]
     assert "point outside the dataset folder" in caplog.text
     ds = OmegaConf.create({"name": "t", "source": "folder", "path": str(data), "image_column": "image",
-                           "caption_column": "text", "num_images": None, "resolution": 64, "center_crop": True,
+                           "caption_column": "text", "num_images": None, "style": None, "resolution": 64, "center_crop": True,
                            "random_flip": False, "caption_prefix": "", "default_caption": "a picture", "holdout_fraction": 0.1})
     captions = {Path(r.name).name: r.caption for r in load_records(ds, tmp_path / "cache")}
     assert captions["00.png"] == "a picture"  # the default, not the outside file's text

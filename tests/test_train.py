@@ -166,7 +166,7 @@ def test_multirun_grid_makes_one_complete_run_dir_per_job(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     latest = tmp_path / "outputs" / "latest"
     assert latest.is_symlink() and "sweeps" in os.readlink(latest)
-    runs = sorted(p for p in latest.iterdir() if p.is_dir())
+    runs = sorted(p for p in latest.iterdir() if p.is_dir() and not p.name.startswith("."))  # .trained: the sweep's registry
     assert [r.name for r in runs] == [
         "0_lora.alpha-4_lora.rank-4",
         "1_lora.alpha-8_lora.rank-4",
