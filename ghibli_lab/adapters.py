@@ -113,6 +113,11 @@ def save_lora(pipe: DiffusionPipeline, out_dir: str | Path, dtype: torch.dtype =
             # The CLIP layout every loader knows (text_model.encoder...): transformers 5 dropped the
             # text_model level, and diffusers strips it again when the loading model lacks it.
             state = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v for k, v in state.items()}
+            # DoRA: transformers' adapter loader (which diffusers uses for text encoders) puts the
+            # adapter name before a key's last part and expects `lora_magnitude_vector.<name>.weight`;
+            # a bare `lora_magnitude_vector` key is reported unexpected and the magnitude left at
+            # its initial value. The UNet's loader (peft) reads both spellings.
+            state = {f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in state.items()}
         layers[f"{name}_lora_layers"] = state
         # Without the adapter metadata, save_lora_weights drops lora_alpha and a reload uses
         # alpha = rank: a different adapter whenever alpha != rank (stack-facts, "Saving loses alpha").

@@ -309,16 +309,26 @@ def applied(pipe: DiffusionPipeline, path: Path, adapter_name: str = "candidate"
             yield pipe
 
 
+FULL_WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
+
+
 @contextmanager
 def full_weights(pipe: DiffusionPipeline, folder: Path) -> Iterator[DiffusionPipeline]:
+    """A full fine-tune's components in place of the pipeline's: each built from the base
+    component's config (without any LoRA loaded into it) with the saved weights loaded strictly.
+    Not ``from_pretrained``: transformers' loader builds text encoders that sample SDXL images
+    1/255 off from the trained ones, where this reproduces them exactly."""
     originals = {}
     for name in ("unet", *TEXT_ENCODERS):
         if not (folder / name).is_dir():
             continue
         original = getattr(pipe, name)
         param = next(original.parameters())
-        cls = UNet2DConditionModel if name == "unet" else type(original)
-        setattr(pipe, name, cls.from_pretrained(folder / name, torch_dtype=param.dtype).to(param.device).eval())
+        with torch.random.fork_rng(devices=[]):  # the constructor's random init draws from the global RNG
+            trained = UNet2DConditionModel.from_config(original.config) if name == "unet" else type(original)(original.config)
+        state = load_file(folder / name / FULL_WEIGHT_FILES[name])
+        trained.load_state_dict({k: v.to(param.dtype) for k, v in state.items()})
+        setattr(pipe, name, trained.to(param.device, param.dtype).eval())
         originals[name] = original
     if not originals:
         raise FileNotFoundError(f"no unet/ or text_encoder*/ folder in {folder}")

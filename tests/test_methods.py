@@ -51,12 +51,22 @@ def final_tiles(run: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return np.asarray(grid.crop((label, 0, label + r, r))), np.asarray(grid.crop((label, r, label + r, 2 * r))), meta
 
 
+# Each method with its widest setting: DoRA and the full fine-tune on the text encoders too,
+# textual inversion with two vectors per token.
+RELOAD_CASES = {
+    "lora": [],
+    "dora": ["lora.text_encoder=true"],
+    "full": ["method.full_text_encoders=true"],
+    "dreambooth": [],
+    "textual_inversion": ["method.num_vectors=2"],
+}
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_reloads_into_a_fresh_pipeline_and_reproduces_its_samples(tiny_cfg, tmp_path, method, family):
     run = tmp_path / "run"
-    vectors = ["method.num_vectors=2"] if method == "textual_inversion" else []  # multi-vector tokens
-    summary = train_run(tiny_cfg, run, f"method={method}", f"model=tiny_{family}", *vectors)
+    summary = train_run(tiny_cfg, run, f"method={method}", f"model=tiny_{family}", *RELOAD_CASES[method])
     base, trained, meta = final_tiles(run)
     assert not np.array_equal(base, trained), "the trained weights changed nothing: the test would prove nothing"
 
