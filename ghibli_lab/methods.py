@@ -47,6 +47,7 @@ from ghibli_lab.adapters import (
     save_lora,
     without_adapter,
 )
+from ghibli_lab.config import CONF_DIR
 from ghibli_lab.data import Record, Split
 from ghibli_lab.hub import model_fingerprint
 from ghibli_lab.pipeline import is_sdxl
@@ -59,17 +60,13 @@ TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 EMBEDDING_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # SDXL files, as A1111/ComfyUI name them
 SD15_EMBEDDING_KEY = "emb_params"  # A1111's key for a single-encoder embedding
 # What runs written before the method axis trained (their .hydra/config.yaml has no method).
-LORA_METHOD = {
-    "name": "lora", "weights": "lora", "lr": None, "full_text_encoders": False, "trigger": "",
-    "prior_loss_weight": 0.0, "class_prompt": None, "num_class_images": 0,
-    "token": None, "init_word": None, "num_vectors": 1,
-}
+LORA_METHOD = Path(CONF_DIR) / "method" / "lora.yaml"
 
 
 def run_method(run_cfg: DictConfig) -> DictConfig:
     """A training config's method (LoRA for runs from before the method axis)."""
     method = OmegaConf.select(run_cfg, "method")
-    return method if method is not None else OmegaConf.create(LORA_METHOD)
+    return method if method is not None else OmegaConf.load(LORA_METHOD)
 
 
 def weights_dir(run_dir: Path, run_cfg: DictConfig) -> Path:

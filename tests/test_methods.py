@@ -274,3 +274,12 @@ def test_generate_puts_every_method_in_the_grid_and_blends_only_adapters(tiny_cf
     with pytest.raises(InputError, match="blend mixes LoRA/DoRA adapters"):
         generate_grid(compose_train([f"run={runs['lora']}", "prompt=a fox", f"blend=[{runs['lora']},{runs['textual_inversion']}]",
                                      "blend_weights=[0,1]", f"output_dir={out}"], config_name="generate"))
+
+
+def test_runs_from_before_the_method_axis_read_as_lora(tmp_path):
+    """A .hydra/config.yaml without a method (written before this axis) is a LoRA run: its
+    weights are in lora/ and its prompts carry no trigger."""
+    old = OmegaConf.create({"model": {"family": "sd15"}, "lora": {"rank": 4}})
+    method = methods.run_method(old)
+    assert (method.name, method.weights, method.trigger, method.lr) == ("lora", "lora", "", None)
+    assert methods.weights_dir(tmp_path, old) == tmp_path / "lora"
