@@ -117,7 +117,11 @@ def overview(run_dir: Path, cfg: DictConfig, summary: dict, name: str, weights: 
     lines.append(f"A `{name}` fine-tune of {family} trained with `ghibli_lab` on the `{cfg.dataset.name}` images.")
     lines += ["", "| | |", "|---|---|"]
     lines.append(f"| method | `{name}` (weights: {weights}) |")
-    base_note = " (built in code with random weights: a test model, its images are noise)" if base in BUILT_IN_CODE else ""
+    base_notes = {
+        "tiny": " (a test model built in code: random UNet and text encoders, a VAE that averages 8x8 blocks)",
+        "random": " (built in code with random weights: a test model, its images are noise)",
+    }
+    base_note = base_notes.get(base, "")
     lines.append(f"| base model | `{base}`{base_note} |")
     if cfg.model.vae:
         lines.append(f"| VAE | `{cfg.model.vae}` |")

@@ -16,6 +16,7 @@ HUB_URL = "https://huggingface.co"
 # model.pretrained values that are no hub id or folder: models built in code with random weights
 # (tiny test models; the full-size published architectures).
 BUILT_IN_CODE = ("tiny", "random")
+TINY_VERSION = 2  # bump when the tiny models built in code change (2: the closed-form autoencoding VAE, UNet GroupNorm of 8 groups)
 
 
 class OfflineError(RuntimeError):
@@ -84,6 +85,8 @@ def source_fingerprint(name: str, repo_type: str = "model", probe_file: str = "m
 def model_fingerprint(model_cfg) -> dict:
     """The model config plus the fingerprint of its weights (unless built in code, seeded)."""
     fingerprint = {k: model_cfg[k] for k in ("family", "pretrained", "vae", "variant")}
+    if model_cfg.pretrained == "tiny":
+        fingerprint["tiny_version"] = TINY_VERSION  # cached latents and images of older tiny models are stale
     if model_cfg.pretrained not in BUILT_IN_CODE:
         fingerprint["weights"] = source_fingerprint(model_cfg.pretrained)
     if model_cfg.vae:

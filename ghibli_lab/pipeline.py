@@ -124,17 +124,87 @@ def _tiny_text_encoder(tokenizer: CLIPTokenizer, projection: bool):
 
 
 def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
-    # 4 levels, so the latent is 1/8 of the image side as in the real models.
-    return AutoencoderKL(
+    """The tiny models' VAE: the real class, 4 levels (the latent is 1/8 of the image side, as in
+    the real models), with weights set in closed form so it autoencodes (``_set_average_pool``).
+
+    With random weights it decoded every latent to much the same colour noise, so no image metric
+    could see what training learned: a LoRA trained on watercolours and one trained on comics
+    sampled indistinguishable images. Its constructor still draws its random initial weights from
+    the seeded RNG, so the UNet and text encoders built after it are unchanged."""
+    vae = AutoencoderKL(
         block_out_channels=(32, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=1,
-        norm_num_groups=32,
+        norm_num_groups=1,  # one group: see _set_average_pool
         sample_size=64,
         scaling_factor=scaling_factor,
     )
+    _set_average_pool(vae)
+    return vae
+
+
+# Latents x this have about unit variance on the synthetic set (the RGB block means have std ~0.55),
+# as the real models' scaling factors give theirs, so the diffusion prior matches the data.
+TINY_VAE_SCALING = 1.8
+TINY_VAE_CONSTANT = 1000.0  # a constant channel that dominates the GroupNorm statistics
+TINY_VAE_SHIFT = 20.0  # SiLU(x + 20) = x + 20 to within 1e-7 for |x| <= 1: its linear range
+
+
+@torch.no_grad()
+def _set_average_pool(vae: AutoencoderKL) -> None:
+    """Make ``vae`` encode an image to its 8x8-block averages (RGB in latent channels 0-2, channel
+    3 zero, a posterior std of 3e-7) and decode a latent by repeating each value over its 8x8
+    block: decode(encode(x)) is x averaged over 8x8 blocks, to within 1e-3.
+
+    Every residual branch (ResNet blocks, attention) is switched off; the down-samplers average
+    2x2 and the up-samplers copy. The only non-linear steps left are the output GroupNorm + SiLU
+    of encoder and decoder: a channel held at TINY_VAE_CONSTANT and one at -(sum of the others)
+    make that norm's mean and std the same for every image (to ~1e-5), so its affine parameters
+    can undo it exactly, and TINY_VAE_SHIFT moves SiLU's input into its linear range."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+    def taps(conv: torch.nn.Conv2d, pairs: list[tuple[int, int, float]], bias: torch.Tensor | None = None) -> None:
+        """Only the centre taps (out, in) = value; the bias as given (else zero)."""
+        weight, k = torch.zeros_like(conv.weight), conv.weight.shape[-1] // 2
+        for out, inp, value in pairs:
+            weight[out, inp, k, k] = value
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+
+    for module in vae.modules():
+        if isinstance(module, ResnetBlock2D):
+            module.conv2.weight.zero_()
+            module.conv2.bias.zero_()
+        elif isinstance(module, Attention):
+            module.to_out[0].weight.zero_()
+            module.to_out[0].bias.zero_()
+        elif isinstance(module, Downsample2D):
+            weight = torch.zeros_like(module.conv.weight)
+            for c in range(weight.shape[0]):
+                weight[c, c, :2, :2] = 0.25
+            module.conv.weight.copy_(weight)
+            module.conv.bias.zero_()
+        elif isinstance(module, Upsample2D):
+            taps(module.conv, [(c, c, 1.0) for c in range(module.conv.weight.shape[0])])
+    n, const, shift = 32, TINY_VAE_CONSTANT, TINY_VAE_SHIFT
+    constant = torch.zeros(n)
+    constant[n - 1] = const
+    minus_sum = [(n - 2, c, -1.0) for c in range(3)]
+    taps(vae.encoder.conv_in, [(c, c, 1.0) for c in range(3)] + minus_sum, constant)
+    taps(vae.decoder.conv_in, [(c, c, 1.0) for c in range(4)] + minus_sum + [(n - 2, 3, -1.0)], constant)
+    sigma = (const**2 * (n - 1) / n**2) ** 0.5  # the single group's std, whatever the image
+    for norm in (vae.encoder.conv_norm_out, vae.decoder.conv_norm_out):
+        norm.weight.fill_(sigma)
+        norm.bias.fill_(const / n + shift)
+    moments = torch.zeros(8)
+    moments[:3], moments[4:] = -shift, -30.0  # means: RGB; log-variances: -30
+    taps(vae.encoder.conv_out, [(c, c, 1.0) for c in range(3)], moments)
+    taps(vae.quant_conv, [(c, c, 1.0) for c in range(8)])
+    taps(vae.post_quant_conv, [(c, c, 1.0) for c in range(4)])
+    taps(vae.decoder.conv_out, [(c, c, 1.0) for c in range(3)], torch.full((3,), -shift))
 
 
 # The noise schedule both SD 1.5 and SDXL were trained with (their schedulers' betas).
@@ -169,12 +239,14 @@ def _tiny_pipeline(family: str) -> DiffusionPipeline:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4),
-            norm_num_groups=32,
+            # 4+ channels a group, as the real UNets have 10: with one channel a group, GroupNorm
+            # removes every channel's spatial mean, and the tiny UNet could not learn an image's colour.
+            norm_num_groups=8,
         )
         if family == "sd15":
             unet = UNet2DConditionModel(cross_attention_dim=32, **unet_kwargs)
             return StableDiffusionPipeline(
-                vae=_tiny_vae(0.18215),
+                vae=_tiny_vae(TINY_VAE_SCALING),
                 text_encoder=_tiny_text_encoder(tokenizer, projection=False),
                 tokenizer=tokenizer,
                 unet=unet,
@@ -197,7 +269,7 @@ def _tiny_pipeline(family: str) -> DiffusionPipeline:
             **unet_kwargs,
         )
         return StableDiffusionXLPipeline(
-            vae=_tiny_vae(0.13025),
+            vae=_tiny_vae(TINY_VAE_SCALING),
             text_encoder=_tiny_text_encoder(tokenizer, projection=False),
             text_encoder_2=_tiny_text_encoder(tokenizer, projection=True),
             tokenizer=tokenizer,

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ghibli_lab.data import make_synthetic_image, prepare_image
 from ghibli_lab.evaluate import evaluate
 from ghibli_lab.metrics import Features, style_separation, unpaired_kid
+from ghibli_lab.pipeline import build_tiny_pipeline
 from ghibli_lab.report import report
 from ghibli_lab.train import train
 
@@ -21,6 +24,21 @@ def features(mean: float, n: int, seed: int) -> Features:
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(n, 16, generator=g, dtype=torch.float64) + mean
     return Features(image=image, clip=torch.zeros(n, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_tiny_vae_keeps_each_style_visible(family):
+    """The tiny models' VAE decodes what it encodes: each synthetic image comes back as its own 8x8
+    block averages (so a learned style can show in images), with latents of about unit variance."""
+    pipe = build_tiny_pipeline(family)
+    images = torch.stack([prepare_image(make_synthetic_image(i, 64)[0], 64, True, False)[0] for i in range(4)])
+    with torch.no_grad():
+        latents = pipe.vae.encode(images).latent_dist.sample() * pipe.vae.config.scaling_factor
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    blocks = torch.nn.functional.avg_pool2d(images, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    assert latents.shape == (4, 4, 8, 8) and 0.5 < latents[:, :3].std() < 2
+    assert (decoded - blocks).abs().max() < 1e-3
+    assert (images[0] - images[1]).abs().mean() > 0.2 and (decoded[0] - decoded[1]).abs().mean() > 0.2  # watercolor vs comic
 
 
 def test_the_matrix_marks_the_style_each_adapter_is_closest_to():
@@ -59,3 +77,4 @@ def test_a_style_sweep_gets_a_matrix_in_evaluation_and_report(tmp_path):
     assert "| 0_dataset.style-watercolor (watercolor) |" in (sweep / "style_matrix.md").read_text()
     report(compose_train([f"sweep_dir={sweep}", "wandb=false"], config_name="report"))
     assert "Style separation" in (sweep / "report" / "index.html").read_text()
+
