@@ -7,10 +7,10 @@ ARGS ?=
 RUN ?= outputs/latest
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test train sweep eval report generate bench bench-tiny clean
+.PHONY: help install demo multistyle-demo test train sweep eval report generate bench bench-tiny clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(VENV): pyproject.toml
 	python3 -m venv .venv
@@ -28,6 +28,14 @@ demo: $(VENV) ## 2x2 rank x alpha sweep on tiny SDXL + generated data, its evalu
 	  echo "  report/index.html: eval table, heatmaps, val-loss curves, base-vs-LoRA grids (open in a browser)"; \
 	  echo "  eval_table.md: the runs and the base model, by held-out KID"; \
 	  echo "  each run: lora/ (diffusers + kohya files), eval/metrics.json, samples/final.png, metrics.jsonl"
+
+multistyle-demo: $(VENV) ## one LoRA per style of the generated set (tiny SD 1.5) and the style-separation matrix: offline, CPU, ~4 min
+	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.train -m experiment=multistyle_demo dataset.style=watercolor,comic $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.evaluate run_dir=outputs/latest
+	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.report sweep_dir=outputs/latest
+	@echo; echo "Results: outputs/latest -> $$(readlink outputs/latest)"; \
+	  echo "  style_matrix.md: each style's adapter scored against both styles' held-out images (lowest = closest)"; \
+	  echo "  report/index.html: the matrix drawn, with the sample grids and val-loss curves"
 
 test: $(VENV) ## run the test suite (tiny models, offline; slow and GPU tests deselected)
 	$(PY) -m pytest -q -m "not slow and not gpu"

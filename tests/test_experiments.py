@@ -16,7 +16,7 @@ from ghibli_lab.train import train
 from .conftest import CONF_DIR, ROOT, compose_train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-NOT_STUDIES = {"demo", "optuna_demo"}  # the offline demos: no study README
+NOT_STUDIES = {"demo", "optuna_demo", "multistyle_demo"}  # the offline demos: no study README
 STUDIES = [name for name in EXPERIMENTS if name not in NOT_STUDIES]
 ATTENTION = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 
