@@ -123,14 +123,21 @@ def _tiny_text_encoder(tokenizer: CLIPTokenizer, projection: bool):
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
+# Latents x this have about unit variance on the synthetic set (the RGB block means have std ~0.55),
+# as the real models' scaling factors give theirs, so the diffusion prior matches the data.
+TINY_VAE_SCALING = 1.8
+TINY_VAE_CONSTANT = 1000.0  # a constant channel that dominates the GroupNorm statistics
+TINY_VAE_SHIFT = 20.0  # SiLU(x + 20) = x + 20 to within 1e-7 for |x| <= 1: its linear range
+
+
+def _tiny_vae() -> AutoencoderKL:
     """The tiny models' VAE: the real class, 4 levels (the latent is 1/8 of the image side, as in
     the real models), with weights set in closed form so it autoencodes (``_set_average_pool``).
 
     With random weights it decoded every latent to much the same colour noise, so no image metric
     could see what training learned: a LoRA trained on watercolours and one trained on comics
-    sampled indistinguishable images. Its constructor still draws its random initial weights from
-    the seeded RNG, so the UNet and text encoders built after it are unchanged."""
+    sampled indistinguishable images. Its constructor still draws random initial weights from the
+    seeded RNG (then overwritten), so the models built after it draw the same numbers as before."""
     vae = AutoencoderKL(
         block_out_channels=(32, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -139,17 +146,10 @@ def _tiny_vae(scaling_factor: float) -> AutoencoderKL:
         layers_per_block=1,
         norm_num_groups=1,  # one group: see _set_average_pool
         sample_size=64,
-        scaling_factor=scaling_factor,
+        scaling_factor=TINY_VAE_SCALING,
     )
     _set_average_pool(vae)
     return vae
-
-
-# Latents x this have about unit variance on the synthetic set (the RGB block means have std ~0.55),
-# as the real models' scaling factors give theirs, so the diffusion prior matches the data.
-TINY_VAE_SCALING = 1.8
-TINY_VAE_CONSTANT = 1000.0  # a constant channel that dominates the GroupNorm statistics
-TINY_VAE_SHIFT = 20.0  # SiLU(x + 20) = x + 20 to within 1e-7 for |x| <= 1: its linear range
 
 
 @torch.no_grad()
@@ -246,7 +246,7 @@ def _tiny_pipeline(family: str) -> DiffusionPipeline:
         if family == "sd15":
             unet = UNet2DConditionModel(cross_attention_dim=32, **unet_kwargs)
             return StableDiffusionPipeline(
-                vae=_tiny_vae(TINY_VAE_SCALING),
+                vae=_tiny_vae(),
                 text_encoder=_tiny_text_encoder(tokenizer, projection=False),
                 tokenizer=tokenizer,
                 unet=unet,
@@ -269,7 +269,7 @@ def _tiny_pipeline(family: str) -> DiffusionPipeline:
             **unet_kwargs,
         )
         return StableDiffusionXLPipeline(
-            vae=_tiny_vae(TINY_VAE_SCALING),
+            vae=_tiny_vae(),
             text_encoder=_tiny_text_encoder(tokenizer, projection=False),
             text_encoder_2=_tiny_text_encoder(tokenizer, projection=True),
             tokenizer=tokenizer,
