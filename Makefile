@@ -29,7 +29,7 @@ demo: $(VENV) ## 2x2 rank x alpha sweep on tiny SDXL + generated data, its evalu
 	  echo "  eval_table.md: the runs and the base model, by held-out KID"; \
 	  echo "  each run: lora/ (diffusers + kohya files), eval/metrics.json, samples/final.png, metrics.jsonl"
 
-multistyle-demo: $(VENV) ## one LoRA per style of the generated set (tiny SD 1.5) and the style-separation matrix: offline, CPU, ~4 min
+multistyle-demo: $(VENV) ## one LoRA per style of the generated set (tiny SD 1.5) and the style-separation matrix: offline, CPU, ~3 min
 	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.train -m experiment=multistyle_demo dataset.style=watercolor,comic $(ARGS)
 	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.evaluate run_dir=outputs/latest
 	HF_HUB_OFFLINE=1 $(PY) -m ghibli_lab.report sweep_dir=outputs/latest

@@ -55,16 +55,26 @@ def test_the_matrix_marks_the_style_each_adapter_is_closest_to():
     assert same["low"] < 0 < same["high"]
 
 
-def test_a_style_sweep_gets_a_matrix_in_evaluation_and_report(tmp_path):
-    sweep = tmp_path / "sweep"
+def train_style_sweep(sweep, cache_dir, overrides: list[str]) -> list:
+    """One run per synthetic style, laid out as the `dataset.style=watercolor,comic` multirun would."""
+    runs = []
     for i, style in enumerate(["watercolor", "comic"]):
-        cfg = compose_train(["experiment=demo", "logger=none", "model=tiny_sd15", f"dataset.style={style}", "dataset.num_images=40",
-                             "train.max_steps=2", "train.val_every=0", "train.checkpoint_every=0", "scheduler.steps=2",
-                             "sample.seeds=[0]", "sample.prompts=[a hill]", f"cache_dir={tmp_path / 'cache'}"])
+        cfg = compose_train([*overrides, "logger=none", f"dataset.style={style}", f"cache_dir={cache_dir}"])
         run = sweep / f"{i}_dataset.style-{style}"
         (run / ".hydra").mkdir(parents=True)
         OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
         train(cfg, run)
+        runs.append((style, run))
+    return runs
+
+
+def test_a_style_sweep_gets_a_matrix_in_evaluation_and_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    runs = train_style_sweep(sweep, tmp_path / "cache", [
+        "experiment=demo", "model=tiny_sd15", "dataset.num_images=40", "train.max_steps=2", "train.val_every=0",
+        "train.checkpoint_every=0", "scheduler.steps=2", "sample.seeds=[0]", "sample.prompts=[a hill]",
+    ])
+    for style, run in runs:
         held = json.loads((run / "split.json").read_text())["holdout"]
         assert held and all(style in name for _, name in held)  # each run holds out its own style's images
     evaluate(compose_eval(f"run_dir={sweep}", *EVAL_ARGS, "eval.bootstrap_draws=200"))
@@ -79,18 +89,13 @@ def test_a_style_sweep_gets_a_matrix_in_evaluation_and_report(tmp_path):
     assert "Style separation" in (sweep / "report" / "index.html").read_text()
 
 
-@pytest.mark.slow  # ~4 min on 2 cores: 2 x 300 LoRA steps, then 40 images sampled at 20 steps
+@pytest.mark.slow  # ~2 min on 2 cores: 2 x 300 LoRA steps, then 40 images sampled at 20 steps
 def test_the_multistyle_demo_puts_each_adapter_closest_to_its_own_style(tmp_path):
     """`make multistyle-demo` as it ships: the watercolor adapter's images are closer (KID on the
     tiny features) to held-out watercolors than to held-out comics, and the comic adapter's the
     other way round, so the matrix's diagonal beats its off-diagonal."""
     sweep = tmp_path / "sweep"
-    for i, style in enumerate(["watercolor", "comic"]):
-        cfg = compose_train(["experiment=multistyle_demo", "logger=none", f"dataset.style={style}", f"cache_dir={tmp_path / 'cache'}"])
-        run = sweep / f"{i}_dataset.style-{style}"
-        (run / ".hydra").mkdir(parents=True)
-        OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
-        train(cfg, run)
+    train_style_sweep(sweep, tmp_path / "cache", ["experiment=multistyle_demo"])
     evaluate(compose_eval(f"run_dir={sweep}"))
     matrix = json.loads((sweep / "style_matrix.json").read_text())
     for name, row in matrix["runs"].items():
